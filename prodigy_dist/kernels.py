@@ -1,0 +1,318 @@
+"""The fast math: kernels over lists of plain local tensors (never DTensors, never torch.distributed).
+
+A :class:`Bucket` holds the parameters of one group that share a kind (factored second moment, full second moment,
+or Muon). A step runs in two phases per bucket:
+
+* :func:`statistics` (phase A) only reads: it computes the partial sums of the step (row and column sums of g^2,
+  the Prodigy dot product and sum|s| on the sampled slice, SPEED norms, sum g^2 for the non-finite check) and the
+  new Prodigy ``s`` out of place, so a skipped step leaves the state untouched;
+* :func:`update` (phase B) is a generator: it applies the update and *yields* each list of per-tensor partial sums
+  it needs summed across ranks (StableAdamW/OrthoGrad norms, the cautious mask count). The caller reduces them in
+  place (or does nothing on one process) and resumes it. The number of yields depends only on the group's options,
+  so every rank joins the same collectives.
+
+Per-tensor scalars that depend on data (RMS scales, mask means) stay on the device: no host synchronisation here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Generator
+
+import torch
+
+from .layout import SLICE, ParamLayout
+from .muon import muon_direction
+from .rounding import write_back_
+
+ATAN2_SCALE = 1.2732395  # 4/pi: Adam-atan2 bounds |u| < 2
+FOCUS_GAMMA = 0.1
+
+# Columns of the per-tensor statistics rows produced by phase A.
+DOT, ABS_S, L2SQ, GSQ = range(4)
+N_STATS = 4
+
+
+@dataclass
+class Bucket:
+    """Parameters of one group and one kind, with everything phase A and B need."""
+
+    group: dict[str, Any]
+    sc: dict[str, Any]  # step scalars of the group (scalars.step_scalars)
+    kind: str  # "factored" | "full" | "muon"
+    params: list[torch.Tensor]  # local storage tensors of the parameters
+    grads: list[torch.Tensor]  # local gradients, original dtype (never modified)
+    states: list[dict[str, Any]]
+    layouts: list[ParamLayout]
+    dims: list[tuple[int, int] | None]
+    sr_seed: int = 0
+    # filled by statistics()
+    row_parts: list[torch.Tensor] = field(default_factory=list)
+    col_parts: list[torch.Tensor] = field(default_factory=list)
+    s_new: list[torch.Tensor | None] = field(default_factory=list)
+    stats: torch.Tensor | None = None
+
+
+def sample(t: torch.Tensor, layout: ParamLayout) -> torch.Tensor:
+    """The local elements of ``t`` whose global flat index is a multiple of SLICE."""
+    return t.reshape(-1)[layout.slice_start::SLICE]
+
+
+def _sq_norm(t: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    if dim is None:
+        return torch.linalg.vector_norm(t, dtype=torch.float32).square()
+    return torch.linalg.vector_norm(t, dim=dim, keepdim=True, dtype=torch.float32).square_()
+
+
+# ------------------------------------------------------------------------------------------ phase A
+@torch.no_grad()
+def statistics(b: Bucket) -> list[torch.Tensor]:
+    """Phase A: fill ``b.row_parts``, ``b.col_parts``, ``b.s_new`` and ``b.stats``; read-only on all state.
+
+    Returns the partial sums that must be summed across ranks before phase B (the factored statistics along a
+    sharded dim); ``b.stats`` is reduced by the caller together with every other bucket's rows.
+    """
+    n = len(b.params)
+    device = b.params[0].device
+    stats = torch.zeros(n, N_STATS, dtype=torch.float32, device=device)
+    to_reduce: list[torch.Tensor] = []
+    gsq: list[torch.Tensor] = []
+    b.row_parts, b.col_parts = [], []
+    if b.kind == "factored":
+        for g, (dr, dc), layout in zip(b.grads, b.dims, b.layouts):
+            row, col = _sq_norm(g, dr), _sq_norm(g, dc)
+            b.row_parts.append(row)
+            b.col_parts.append(col)
+            gsq.append(row.sum())
+            if layout.sharded and dr == 0:
+                to_reduce.append(row)
+            if layout.sharded and dc == 0:
+                to_reduce.append(col)
+    else:
+        gsq = [t.square() for t in torch._foreach_norm(b.grads, dtype=torch.float32)]
+    stats[:, GSQ] = torch.stack(gsq)
+
+    sc, group = b.sc, b.group
+    b.s_new = [None] * n
+    if sc["prodigy_active"] and not sc["adopt_first"]:
+        data = [st["z"] if group["use_schedulefree"] else p for st, p in zip(b.states, b.params)]
+        gs = [sample(g, lay) for g, lay in zip(b.grads, b.layouts)]
+        es = torch._foreach_sub([st["p0"] for st in b.states], [sample(t, lay) for t, lay in zip(data, b.layouts)])
+        stats[:, DOT] = torch.stack([torch.dot(g.to(e.dtype), e).float() for g, e in zip(gs, es)])
+        if group["use_speed"]:
+            stats[:, ABS_S] = torch.stack(torch._foreach_norm(es, ord=1, dtype=torch.float32))
+            stats[:, L2SQ] = torch.stack([t.square() for t in torch._foreach_norm(es, dtype=torch.float32)])
+        else:
+            s_new = torch._foreach_mul([st["s"] for st in b.states], sc["beta3"])
+            torch._foreach_add_(s_new, gs, alpha=sc["delta"])
+            b.s_new = s_new
+            stats[:, ABS_S] = torch.stack(torch._foreach_norm(s_new, ord=1, dtype=torch.float32))
+    b.stats = stats
+    return to_reduce
+
+
+# ------------------------------------------------------------------------------------------ phase B
+def _factored_denominators(b: Bucket, beta2: float, d: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """EMA of the factored statistics; returns (denominator before the update, after it) in the state dtype."""
+    before, after = [], []
+    for st, row, col, (dr, dc), layout in zip(b.states, b.row_parts, b.col_parts, b.dims, b.layouts):
+        r, c = st["exp_avg_sq_row"], st["exp_avg_sq_col"]
+        if b.group["use_adopt"]:
+            before.append(_factored_sqrt(r, c, dc, layout))
+        shape = layout.global_shape
+        r.mul_(beta2).add_(row.mul_(1.0 / shape[dr]), alpha=(1 - beta2) * d * d)
+        c.mul_(beta2).add_(col.mul_(1.0 / shape[dc]), alpha=(1 - beta2) * d * d)
+        after.append(_factored_sqrt(r, c, dc, layout))
+    return before, after
+
+
+def _factored_sqrt(r: torch.Tensor, c: torch.Tensor, dc: int, layout: ParamLayout) -> torch.Tensor:
+    """sqrt(R * C / mean_dc(R)): the Adafactor estimate of sqrt(v) for every shape (ALGORITHM.md A4)."""
+    # R is reduced over dr, so it is complete along dc unless dc is the sharded dim 0; there the mean needs the
+    # global sum (the sharded layouts of the FSDP2 issue provide it through the reducer).
+    mean = r.sum(dim=dc, keepdim=True).mul_(1.0 / layout.global_shape[dc]).add_(1e-30)
+    return (r / mean * c).sqrt_()
+
+
+def _normalise(nums: list[torch.Tensor], denoms: list[torch.Tensor], ws: list[torch.Tensor], d: float,
+               group: dict) -> list[torch.Tensor]:
+    """Normalised updates from numerators (d*g or m) and denominators; the numerators are consumed."""
+    if group["use_focus"]:
+        for num, den, w in zip(nums, denoms, ws):
+            den = den.float().sub_(w).sign_().mul_(-FOCUS_GAMMA)
+            num.sign_().add_(den)
+        return nums
+    if group["eps"] is None:
+        for num, den in zip(nums, denoms):
+            num.atan2_(den.float()).mul_(ATAN2_SCALE)
+        return nums
+    torch._foreach_add_(denoms, d * group["eps"])
+    torch._foreach_div_(nums, denoms)
+    return nums
+
+
+def _cautious_mask_(product: torch.Tensor, count: torch.Tensor, numel: int) -> torch.Tensor:
+    """In place: 1[product > 0] / max(mean, 1e-3), with the (reduced) count of positive entries."""
+    mask = product.gt_(0).float() if product.dtype == torch.bool else (product > 0).float()
+    return mask.mul_(1.0 / torch.clamp_min(count / numel, 1e-3))
+
+
+@torch.no_grad()
+def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
+    """Phase B: apply the step to every parameter of the bucket; yields lists of partial sums to reduce."""
+    group, sc = b.group, b.sc
+    sf = group["use_schedulefree"]
+    d, beta1, beta2 = sc["d"], sc["beta1"], sc["beta2"]
+    n = len(b.params)
+    gs = [g.float() for g in b.grads]  # fp32 views of fp32 grads: never modified in place below
+    ys = [p.float() for p in b.params]
+    zs = [st["z"].float() for st in b.states] if sf else None
+    ws = zs if sf else ys
+
+    if sc["adopt_first"]:  # ADOPT's first step only initialises the second moment
+        _second_moment(b, gs, ws, 0.0, d)
+        return
+
+    denoms = _second_moment(b, gs, ws, beta2, d) if b.kind != "muon" else [None] * n
+
+    if sf:
+        if sc["raw_update"]:
+            us = [g.clone() for g in gs]
+        elif b.kind == "muon":
+            us = [muon_direction(g) for g in gs]
+        else:
+            us = _normalise(torch._foreach_mul(gs, d), denoms, ws, d, group)
+    else:
+        ms = [st["exp_avg"] for st in b.states]
+        if group["use_adopt"]:
+            bound = sc["k"] ** 0.25
+            ghat = _normalise(torch._foreach_mul(gs, d), denoms, ws, d, group)
+            torch._foreach_clamp_min_(ghat, -bound)
+            torch._foreach_clamp_max_(ghat, bound)
+            torch._foreach_mul_(ms, beta1)
+            torch._foreach_add_(ms, ghat, alpha=1 - beta1)
+            guide = ghat
+        else:
+            torch._foreach_mul_(ms, beta1)
+            torch._foreach_add_(ms, gs, alpha=(1 - beta1) * d)
+            guide = gs
+        us = [m.float() if m.dtype != torch.float32 else m.clone() for m in ms]
+        if group["use_cautious"]:
+            products = torch._foreach_mul(guide, us)
+            counts = torch.stack([(t > 0).sum(dtype=torch.float32) for t in products])
+            yield [counts]
+            for u, prod, cnt in zip(us, products, counts):
+                u.mul_(_cautious_mask_(prod, cnt, _numel(u, b)))
+        elif group["use_grams"]:
+            for u, gd in zip(us, guide):
+                u.abs_().mul_(torch.sign(gd))
+        if not group["use_adopt"]:
+            us = [muon_direction(u) for u in us] if b.kind == "muon" else _normalise(us, denoms, ws, d, group)
+
+    # OrthoGrad and StableAdamW: one round of per-tensor sums; |u'| and the RMS after OrthoGrad are derived.
+    stable = group["use_stableadamw"] and group["eps"] is not None
+    if group["use_orthograd"] or stable:
+        cols = [torch.stack([torch.dot(w.reshape(-1), u.reshape(-1)), torch.dot(w.reshape(-1), w.reshape(-1)),
+                             torch.dot(u.reshape(-1), u.reshape(-1))]) if group["use_orthograd"]
+                else torch.stack([torch.zeros((), device=u.device), torch.zeros((), device=u.device),
+                                  _sq_norm(u)])
+                for u, w in zip(us, ws)]
+        sums = torch.stack(cols) if cols else torch.zeros(0, 3)
+        yield [sums]
+        wu, ww, uu = sums.unbind(1)
+        if group["use_orthograd"]:
+            proj = wu / (ww + 1e-30)
+            orth_sq = (uu - 2 * proj * wu + proj * proj * ww).clamp_min_(0)
+            u_norm, orth_norm = uu.sqrt(), orth_sq.sqrt()
+            gain = u_norm / (orth_norm + 1e-30)
+            active = ww.sqrt() > 1e-30
+            proj = torch.where(active, proj, torch.zeros_like(proj))
+            gain = torch.where(active, gain, torch.ones_like(gain))
+            for u, w, pr, gn in zip(us, ws, proj, gain):
+                u.sub_(w * pr).mul_(gn)
+            uu = torch.where(active, (orth_norm * gain).square(), uu)
+        if stable:
+            numels = torch.tensor([_numel(u, b) for u in us], dtype=torch.float32, device=sums.device)
+            rms = (uu / numels).sqrt()
+            torch._foreach_mul_(us, list(rms.clamp_min(1.0).rsqrt().unbind(0)))
+
+    if not sc["prodigy_active"]:
+        for st in b.states:
+            st.pop("p0", None)
+            st.pop("s", None)
+
+    dlr, lam = sc["dlr"], group["weight_decay"]
+    if sf:
+        yield from _schedulefree_update(b, ys, zs, us, dlr, lam)
+    else:
+        decay = lam * (dlr if group["weight_decay_by_lr"] else 1.0)
+        if decay != 0:
+            torch._foreach_mul_(ys, 1 - decay)
+        torch._foreach_add_(ys, us, alpha=-dlr)
+    _write_back(b, ys, zs)
+
+
+def _numel(u: torch.Tensor, b: Bucket) -> int:
+    """Global number of elements of the tensor whose local piece is ``u``."""
+    for lay, p in zip(b.layouts, b.params):
+        if p.shape == u.shape:
+            return lay.global_numel
+    return u.numel()
+
+
+def _second_moment(b: Bucket, gs, ws, beta2: float, d: float) -> list[torch.Tensor]:
+    """Update the second moment; return the denominators (before the update under ADOPT)."""
+    group = b.group
+    if b.kind == "factored":
+        before, after = _factored_denominators(b, beta2, d)
+        return before if group["use_adopt"] else after
+    vs = [st["exp_avg_sq"] for st in b.states]
+    before = [v.clone() if group["use_focus"] else v.sqrt() for v in vs] if group["use_adopt"] else None
+    torch._foreach_mul_(vs, beta2)
+    if group["use_focus"]:
+        torch._foreach_add_(vs, ws, alpha=(1 - beta2) * d * d)
+    else:
+        torch._foreach_addcmul_(vs, gs, gs, value=(1 - beta2) * d * d)
+    if before is not None:
+        return before
+    return [v.clone() for v in vs] if group["use_focus"] else torch._foreach_sqrt(vs)
+
+
+def _schedulefree_update(b: Bucket, ys, zs, us, dlr: float, lam: float):
+    """Schedule-Free interpolation (B §3.2, §4.4, §4.5), in place on the fp32 working copies."""
+    group, sc = b.group, b.sc
+    c, xy = sc["c"], sc["xy"]
+    y_old = [y.clone() for y in ys] if lam != 0 and not group["weight_decay_by_lr"] else None
+    if lam != 0 and group["weight_decay_by_lr"]:
+        torch._foreach_add_(us, ys, alpha=lam)
+    if group["use_cautious"] or group["use_grams"]:
+        big = torch._foreach_sub(ys, zs)
+        torch._foreach_mul_(big, c)
+        torch._foreach_add_(big, us, alpha=dlr * xy)
+        torch._foreach_add_(zs, us, alpha=-dlr)
+        if group["use_cautious"]:
+            products = torch._foreach_mul(us, big)
+            counts = torch.stack([(t > 0).sum(dtype=torch.float32) for t in products])
+            yield [counts]
+            for y, bg, prod, cnt in zip(ys, big, products, counts):
+                y.sub_(bg.mul_(_cautious_mask_(prod, cnt, _numel(bg, b))))
+        else:
+            for y, bg, u in zip(ys, big, us):
+                y.sub_(bg.abs_().mul_(u.sign_()))
+    else:
+        torch._foreach_lerp_(ys, zs, c)
+        torch._foreach_add_(zs, us, alpha=-dlr)
+        torch._foreach_add_(ys, us, alpha=-dlr * xy)
+    if y_old is not None:
+        torch._foreach_add_(zs, y_old, alpha=-lam)
+        torch._foreach_add_(ys, y_old, alpha=-lam * xy)
+
+
+def _write_back(b: Bucket, ys, zs) -> None:
+    stochastic, step = b.group["stochastic_rounding"], b.sc["k"]
+    for i, (p, layout) in enumerate(zip(b.params, b.layouts)):
+        write_back_(p, ys[i], stochastic, flat_offset=layout.flat_offset, seed=b.sr_seed, step=step, stream=0)
+        if zs is not None:
+            write_back_(b.states[i]["z"], zs[i], stochastic, flat_offset=layout.flat_offset, seed=b.sr_seed,
+                        step=step, stream=1)

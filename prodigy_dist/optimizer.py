@@ -1,0 +1,482 @@
+"""ProdigyPlusScheduleFree: the optimizer class. Bookkeeping only: groups, options, state, modes, checkpoints.
+
+The math is in :mod:`prodigy_dist.kernels`, the per-group scalar rules in :mod:`prodigy_dist.scalars`, the layout of
+each local piece in :mod:`prodigy_dist.layout` and the cross-rank sums in :mod:`prodigy_dist.reduction`.
+A step is:
+
+1. phase A for every bucket (read-only partial sums), one bucketed reduction;
+2. one host synchronisation that reads the Prodigy numerator/denominator of every group and the non-finite flag;
+3. if finite, phase B for every bucket (the update), whose per-tensor sums are reduced in lock-step;
+4. the end-of-step update of d, the Schedule-Free weight sum and the step counter.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any, Callable
+
+import torch
+
+from .kernels import ABS_S, DOT, L2SQ, Bucket, statistics, update
+from .layout import ParamLayout, factored_dims, single_process_layout
+from .options import DEFAULTS, GLOBAL_OPTIONS, NONFINITE_POLICIES, log_precedence_rules, validate_group
+from .reduction import Reducer
+from .scalars import harmonic_mean, speed_beta, step_scalars, update_d
+
+logger = logging.getLogger(__name__)
+
+_D_KEYS = ("d", "d_prev", "d_numerator", "d_denom", "prev_d_numerator", "max_d_numerator")
+
+
+class ProdigyPlusScheduleFree(torch.optim.Optimizer):
+    r"""Prodigy + Schedule-Free with factored second moments, correct on any number of ranks.
+
+    The learning rate is estimated (``d``) from global statistics; Schedule-Free averaging replaces the LR schedule.
+    Call :meth:`train` before training steps and :meth:`eval` before evaluating or saving the evaluation weights.
+
+    Args: the options of ALGORITHM.md Part A1 (see README's option table), each also settable per group, plus
+        nonfinite_grads: ``"skip"`` (default) skips a step whose gradients hold NaN/Inf on any rank, leaving
+            weights, state and d untouched and counting it; ``"raise"`` raises ``FloatingPointError`` instead.
+        sr_seed: seed of the stochastic rounding noise (a hash of seed, step and global element index).
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.99),
+                 beta3: float | None = None, weight_decay: float = 0.0, weight_decay_by_lr: bool = True,
+                 use_bias_correction: bool = False, d0: float = 1e-6, d_coef: float = 1.0, d_limiter: bool = True,
+                 prodigy_steps: int = 0, use_speed: bool = False, eps: float | None = 1e-8,
+                 split_groups: bool = True, split_groups_mean: bool = True, factored: bool = True,
+                 factored_fp32: bool = True, fused_back_pass: bool = False, use_stableadamw: bool = True,
+                 use_muon_pp: bool = False, use_cautious: bool = False, use_grams: bool = False,
+                 use_adopt: bool = False, use_focus: bool = False, use_orthograd: bool = False,
+                 stochastic_rounding: bool = True, schedulefree_c: float = 0.0, use_schedulefree: bool = True,
+                 *, nonfinite_grads: str = "skip", sr_seed: int = 0):
+        if nonfinite_grads not in NONFINITE_POLICIES:
+            raise ValueError(f"Invalid nonfinite_grads: {nonfinite_grads!r} (expected one of {NONFINITE_POLICIES})")
+        if not isinstance(sr_seed, int) or isinstance(sr_seed, bool) or sr_seed < 0:
+            raise ValueError(f"Invalid sr_seed: {sr_seed!r} (expected an int >= 0)")
+        defaults = dict(lr=lr, betas=betas, beta3=beta3, weight_decay=weight_decay,
+                        weight_decay_by_lr=weight_decay_by_lr, use_bias_correction=use_bias_correction, d0=d0,
+                        d_coef=d_coef, d_limiter=d_limiter, prodigy_steps=prodigy_steps, use_speed=use_speed,
+                        eps=eps, split_groups=split_groups, split_groups_mean=split_groups_mean,
+                        factored=factored, factored_fp32=factored_fp32, fused_back_pass=fused_back_pass,
+                        use_stableadamw=use_stableadamw, use_muon_pp=use_muon_pp, use_cautious=use_cautious,
+                        use_grams=use_grams, use_adopt=use_adopt, use_focus=use_focus,
+                        use_orthograd=use_orthograd, stochastic_rounding=stochastic_rounding,
+                        schedulefree_c=schedulefree_c, use_schedulefree=use_schedulefree)
+        assert set(defaults) == set(DEFAULTS)
+        validate_group(defaults)
+        self.nonfinite_grads = nonfinite_grads
+        self.sr_seed = sr_seed
+        self._reducer = Reducer(None)
+        self._layouts: dict[int, ParamLayout] = {}
+        self._fused = _FusedStepState()
+        super().__init__(params, defaults)
+        split = split_groups and len(self.param_groups) > 1
+        if split_groups and len(self.param_groups) == 1:
+            logger.debug("a single parameter group: split_groups has no effect")
+        for group in self.param_groups:
+            group["split_groups"] = split
+
+    # ------------------------------------------------------------------ groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        index = len(self.param_groups) - 1
+        for key in GLOBAL_OPTIONS:
+            if key in param_group and index > 0 and key != "split_groups" and \
+                    param_group[key] != self.param_groups[0][key]:
+                raise ValueError(f"Invalid {key}: {param_group[key]!r} in param group {index}: this option must be "
+                                 f"the same in every group (group 0 has {self.param_groups[0][key]!r})")
+        validate_group(group)
+        log_precedence_rules(group, index)
+        for key, value in dict(d=group["d0"], d_prev=group["d0"], d_numerator=0.0, d_denom=0.0,
+                               prev_d_numerator=0.0, max_d_numerator=0.0, shared_d=None, k=1, train_mode=True,
+                               weight_sum=0.0, effective_lr=group["lr"], dlr=group["d0"] * group["lr"],
+                               skipped_steps=0).items():
+            group.setdefault(key, value)
+        if index > 0:
+            # Joining groups after construction: adopt the optimizer-wide counters and mode.
+            first = self.param_groups[0]
+            group["split_groups"] = first.get("split_groups", True) and first.get("split_groups_orig", True)
+            group["k"], group["train_mode"], group["skipped_steps"] = first["k"], first["train_mode"], \
+                first["skipped_steps"]
+            if not first["split_groups"] and "split_groups" in first:
+                for key in _D_KEYS:
+                    group[key] = first[key]
+
+    # ------------------------------------------------------------------ layout & state
+    def _local(self, t: torch.Tensor) -> torch.Tensor:
+        """The local piece of a parameter, gradient or state tensor (the FSDP2 issue adds DTensor support)."""
+        return t
+
+    def _layout(self, p: torch.Tensor) -> ParamLayout:
+        layout = self._layouts.get(id(p))
+        if layout is None:
+            layout = self._layouts[id(p)] = single_process_layout(p)
+        return layout
+
+    def _kind(self, p: torch.Tensor, group: dict[str, Any]) -> tuple[str, tuple[int, int] | None]:
+        layout = self._layout(p)
+        if group["use_muon_pp"] and len(layout.global_shape) >= 2:
+            return "muon", None
+        dims = factored_dims(layout.global_shape, group["factored"] and not group["use_focus"])
+        return ("factored", dims) if dims is not None else ("full", None)
+
+    @torch.no_grad()
+    def _init_param_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        state = self.state[p]
+        if state:
+            return state
+        local = self._local(p)
+        layout = self._layout(p)
+        kind, dims = self._kind(p, group)
+        if kind == "factored":
+            dr, dc = dims
+            fdtype = torch.float32 if group["factored_fp32"] else p.dtype
+            row_shape, col_shape = list(local.shape), list(local.shape)
+            row_shape[dr] = 1
+            col_shape[dc] = 1
+            state["exp_avg_sq_row"] = torch.zeros(row_shape, dtype=fdtype, device=local.device)
+            state["exp_avg_sq_col"] = torch.zeros(col_shape, dtype=fdtype, device=local.device)
+        elif kind == "full":
+            state["exp_avg_sq"] = torch.zeros_like(local)
+        if group["use_schedulefree"]:
+            state["z"] = local.detach().clone()
+        else:
+            state["exp_avg"] = torch.zeros_like(local)
+        if group["prodigy_steps"] <= 0 or group["k"] < group["prodigy_steps"]:
+            stat_dtype = torch.bfloat16 if p.dtype == torch.float32 else p.dtype
+            flat = local.reshape(-1)[layout.slice_start::11]
+            state["p0"] = flat.to(stat_dtype, copy=True)
+            if not group["use_speed"]:
+                state["s"] = torch.zeros_like(state["p0"])
+        return state
+
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Allocate the state of every parameter now (it is otherwise created at its first gradient).
+
+        Useful before loading a checkpoint with torch.distributed.checkpoint, whose state-dict helpers otherwise
+        run a "fake" optimizer step to create the state.
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._init_param_state(p, group)
+
+    @staticmethod
+    def _process_value_according_to_param_policy(param, value, param_id, param_groups, key=None):
+        # torch casts every floating state tensor to the parameter's dtype on load; our state has its own dtypes
+        # (bf16 Prodigy samples for fp32 parameters, fp32 factored statistics for bf16 ones): keep them.
+        return value.to(device=param.device)
+
+    # ------------------------------------------------------------------ train / eval
+    @torch.no_grad()
+    def _set_mode(self, train: bool) -> None:
+        self._fused.finish(self)
+        for group in self.param_groups:
+            if not group["use_schedulefree"] or group["train_mode"] == train:
+                continue
+            beta1 = group["betas"][0]
+            weight = 1 - beta1 if train else 1 - 1 / beta1
+            params = [self._local(p) for p in group["params"] if "z" in self.state[p]]
+            if params:
+                torch._foreach_lerp_(params, [self._local(self.state[p]["z"]) for p in group["params"]
+                                              if "z" in self.state[p]], weight)
+            group["train_mode"] = train
+
+    def train(self) -> None:
+        """Put the weights in training mode (y, where gradients are taken). Idempotent and cheap."""
+        self._set_mode(True)
+
+    def eval(self) -> None:
+        """Put the weights in evaluation mode (the averaged x). Idempotent and cheap."""
+        self._set_mode(False)
+
+    def _check_train_mode(self) -> None:
+        for group in self.param_groups:
+            if group["use_schedulefree"] and not group["train_mode"]:
+                raise RuntimeError("ProdigyPlusScheduleFree.step() called in eval mode: call optimizer.train() "
+                                   "before training steps (and optimizer.eval() before evaluation)")
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.param_groups[0]["fused_back_pass"]:
+            # The parameters were stepped by the gradient hooks; finish a step the end-of-backward callback did
+            # not get to (e.g. hooks driven by hand).
+            if not self._fused.seen and any(p.grad is not None for g in self.param_groups for p in g["params"]):
+                raise RuntimeError("fused_back_pass=True but no parameter was stepped during backward: attach the "
+                                   "hooks with prodigy_dist.fused_backward.attach(optimizer), or construct the "
+                                   "optimizer with fused_back_pass=False")
+            self._fused.finish(self)
+            return loss
+        self._check_train_mode()
+        items = [(gi, p) for gi, g in enumerate(self.param_groups) for p in g["params"] if p.grad is not None]
+        self._run_step(items)
+        return loss
+
+    def _buckets(self, items: list[tuple[int, torch.Tensor]], scalars: list[dict]) -> list[Bucket]:
+        keyed: dict[tuple, Bucket] = {}
+        for gi, p in items:
+            group = self.param_groups[gi]
+            state = self._init_param_state(p, group)
+            kind, dims = self._kind(p, group)
+            local = self._local(p)
+            key = (gi, kind, local.dtype, local.device)
+            b = keyed.get(key)
+            if b is None:
+                b = keyed[key] = Bucket(group=group, sc=scalars[gi], kind=kind, params=[], grads=[], states=[],
+                                        layouts=[], dims=[], sr_seed=self.sr_seed)
+            b.params.append(local)
+            b.grads.append(self._local(p.grad))
+            b.states.append(state)
+            b.layouts.append(self._layout(p))
+            b.dims.append(dims)
+        return list(keyed.values())
+
+    def _run_step(self, items: list[tuple[int, torch.Tensor]]) -> None:
+        scalars = [step_scalars(g) for g in self.param_groups]
+        buckets = self._buckets(items, scalars)
+        rows = self._phase_a(buckets)
+        sums = self._finish_statistics(buckets, rows)
+        if sums is None:
+            return
+        self._phase_b(buckets)
+        self._end_step(scalars, sums, stepped={id(b.group) for b in buckets if not b.sc["adopt_first"]})
+
+    def _phase_a(self, buckets: list[Bucket]) -> torch.Tensor:
+        for b in buckets:
+            for t in statistics(b):
+                self._reducer.add(t)
+        device = buckets[0].params[0].device if buckets else self._device()
+        rows = torch.cat([b.stats for b in buckets]) if buckets else torch.zeros(0, 4, device=device)
+        self._reducer.add(rows)
+        self._reducer.flush()
+        return rows
+
+    def _device(self) -> torch.device:
+        for g in self.param_groups:
+            for p in g["params"]:
+                return self._local(p).device
+        return torch.device("cpu")
+
+    def _phase_b(self, buckets: list[Bucket]) -> None:
+        gens = [update(b) for b in buckets]
+        if not self._reducer.active:
+            for gen in gens:  # nothing to combine: finish each bucket before starting the next
+                for _ in gen:
+                    pass
+            return
+        while gens:  # lock-step: every bucket reaches its next reduction point, then one collective
+            running = []
+            for gen in gens:
+                try:
+                    for t in next(gen):
+                        self._reducer.add(t)
+                    running.append(gen)
+                except StopIteration:
+                    pass
+            self._reducer.flush()
+            gens = running
+
+    def _finish_statistics(self, buckets: list[Bucket], rows: torch.Tensor) -> tuple[list[float], list[float]] | None:
+        """Turn reduced per-tensor rows into per-group (numerator, denominator); the step's one host sync.
+
+        Returns None (after counting or raising) when a gradient was not finite; otherwise commits the new
+        Prodigy ``s`` and SPEED running values and returns the host sums.
+        """
+        groups = self.param_groups
+        split = groups[0]["split_groups"]
+        n_acc = len(groups) if split else 1
+        device = rows.device
+        num_t = torch.zeros(rows.shape[0], dtype=torch.float32, device=device)
+        den_t = torch.zeros_like(num_t)
+        acc = []
+        speed_commits = []
+        start = 0
+        for b in buckets:
+            n = len(b.params)
+            gi = next(i for i, g in enumerate(groups) if g is b.group)
+            acc += [gi if split else 0] * n
+            sl = slice(start, start + n)
+            start += n
+            if not (b.sc["prodigy_active"] and not b.sc["adopt_first"]):
+                continue
+            delta = b.sc["delta"]
+            if b.group["use_speed"]:
+                dot, l1, l2 = rows[sl, DOT], rows[sl, ABS_S], rows[sl, L2SQ].sqrt()
+                beta = speed_beta(b.sc["k"])
+                prev = torch.stack([st.get("exp_avg_x0_dot", dot[i]) for i, st in enumerate(b.states)])
+                ema = prev * beta + dot * (1 - beta)
+                tiny = torch.full_like(l1, 1e-8)
+                l1 = torch.maximum(l1, torch.stack([st.get("max_x0_minus_l1_norm", tiny[i])
+                                                    for i, st in enumerate(b.states)]))
+                l2 = torch.maximum(l2, torch.stack([st.get("max_x0_minus_l2_norm", tiny[i])
+                                                    for i, st in enumerate(b.states)]))
+                den_t[sl] = l2
+                num_t[sl] = (delta / (l2 + 1).square()) * ema / l1
+                speed_commits.append((b, ema, l1, l2))
+            else:
+                s_dtype = b.states[0]["s"].dtype
+                den_t[sl] = rows[sl, ABS_S].to(s_dtype).float()  # sum|s| rounded to s's dtype per tensor
+                num_t[sl] = delta * rows[sl, DOT]
+        acc_index = torch.tensor(acc, dtype=torch.long, device=device)
+        num = torch.zeros(n_acc, dtype=torch.float32, device=device).index_add_(0, acc_index, num_t)
+        den = torch.zeros(n_acc, dtype=torch.float32, device=device).index_add_(0, acc_index, den_t)
+        check = (rows.sum() + num.sum() + den.sum()).reshape(1)
+        host = torch.cat([num, den, check]).tolist()  # the one host synchronisation of the step
+        if not torch.isfinite(torch.tensor(host[-1])):
+            self._skip_step()
+            return None
+        for b in buckets:
+            if b.s_new and b.s_new[0] is not None:
+                for st, s in zip(b.states, b.s_new):
+                    st["s"].copy_(s)
+        for b, ema, l1, l2 in speed_commits:
+            for i, st in enumerate(b.states):
+                st["exp_avg_x0_dot"], st["max_x0_minus_l1_norm"], st["max_x0_minus_l2_norm"] = ema[i], l1[i], l2[i]
+        return host[:n_acc], host[n_acc:2 * n_acc]
+
+    def _skip_step(self) -> None:
+        if self.nonfinite_grads == "raise":
+            raise FloatingPointError("ProdigyPlusScheduleFree: non-finite gradient (NaN or Inf); the step was not "
+                                     "applied. Use nonfinite_grads='skip' to skip such steps instead")
+        for group in self.param_groups:
+            group["skipped_steps"] += 1
+        logger.warning("non-finite gradient: step skipped (weights, state and d untouched; %d skipped so far)",
+                       self.param_groups[0]["skipped_steps"])
+
+    def _end_step(self, scalars: list[dict], sums: tuple[list[float], list[float]], stepped: set[int]) -> None:
+        groups = self.param_groups
+        split = groups[0]["split_groups"]
+        num, den = sums
+        for gi, group in enumerate(groups if split else groups[:1]):
+            if group["prodigy_steps"] > 0 and group["k"] == group["prodigy_steps"]:
+                logger.info("param group %d: d frozen at %.6g after %d steps (prodigy_steps)", gi, group["d"],
+                            group["k"])
+            update_d(group, num[gi], den[gi])
+        if split and groups[0]["split_groups_mean"]:
+            shared = harmonic_mean([g["d"] for g in groups])
+            for g in groups:
+                g["shared_d"] = shared
+        if not split:
+            for g in groups[1:]:
+                for key in _D_KEYS:
+                    g[key] = groups[0][key]
+        for g, sc in zip(groups, scalars):
+            if g["use_schedulefree"]:
+                if id(g) in stepped:
+                    g["weight_sum"] = sc["weight_sum"]
+                    g["effective_lr"] = g["lr"] * sc["xy"]
+            else:
+                g["effective_lr"] = g["lr"]
+            g["dlr"] = sc["dlr"]
+            g["k"] += 1
+
+    # ------------------------------------------------------------------ fused backward pass
+    @torch.no_grad()
+    def step_param(self, p: torch.Tensor, group: dict[str, Any] | None = None) -> None:
+        """Step one parameter now, from its gradient (fused backward pass; see prodigy_dist.fused_backward).
+
+        The step's d statistics are collected and d is updated once per step, when the backward pass ends (or at
+        the next ``step()``), so every parameter of a step sees the same d whatever order the hooks run in.
+        """
+        if p.grad is None:
+            return
+        self._fused.step_param(self, p, group)
+
+    def metrics(self) -> dict[str, float]:
+        """Numbers to log, per group ``i``: ``d/i``, ``dlr/i`` (d*lr, the Prodigy step size), ``effective_lr/i``
+        (Schedule-Free: d*lr*xy; else d*lr), ``d_numerator/i``, ``d_denom/i``; plus ``step`` and
+        ``skipped_steps``. No device synchronisation: the values were read at the step's single sync."""
+        self._fused.finish(self)
+        out: dict[str, float] = {}
+        for i, g in enumerate(self.param_groups):
+            out[f"d/{i}"] = float(g["d"])
+            out[f"dlr/{i}"] = float(g["dlr"])
+            out[f"effective_lr/{i}"] = float(g["dlr"] * g["effective_lr"] / g["lr"])
+            out[f"d_numerator/{i}"] = float(g["d_numerator"])
+            out[f"d_denom/{i}"] = float(g["d_denom"])
+        out["step"] = float(self.param_groups[0]["k"] - 1)
+        out["skipped_steps"] = float(self.param_groups[0]["skipped_steps"])
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        self._fused.finish(self)
+        return super().state_dict()
+
+
+class _FusedStepState:
+    """Bookkeeping of a step driven parameter by parameter from gradient hooks.
+
+    Each parameter is updated as its gradient arrives; its statistics rows are kept, and the step is finished
+    (one reduction, one host sync, d update, counter) once: at the end of the backward pass, or before the same
+    parameter is stepped again, or at ``step()``/``metrics()``/``state_dict()``.
+    """
+
+    def __init__(self):
+        self.seen = False
+        self.scalars: list[dict] | None = None
+        self.done: dict[int, int] = {}  # id(param) -> order index of the parameter in the optimizer
+        self.buckets: list[tuple[int, Bucket]] = []
+        self.callback_queued = False
+
+    def step_param(self, opt: ProdigyPlusScheduleFree, p: torch.Tensor, group: dict | None) -> None:
+        self.seen = True
+        if id(p) in self.done:
+            self.finish(opt)  # the same parameter again: the previous step is over
+        if self.scalars is None:
+            opt._check_train_mode()
+            self.scalars = [step_scalars(g) for g in opt.param_groups]
+        order = _param_order(opt)
+        gi = order[id(p)][0] if group is None else next(i for i, g in enumerate(opt.param_groups) if g is group)
+        (b,) = opt._buckets([(gi, p)], self.scalars)
+        for t in statistics(b):
+            opt._reducer.add(t)
+        opt._reducer.flush()
+        for _ in update(b):
+            opt._reducer.flush()
+        self.done[id(p)] = order[id(p)][1]
+        self.buckets.append((order[id(p)][1], b))
+        self._queue_finish(opt)
+
+    def _queue_finish(self, opt) -> None:
+        if self.callback_queued:
+            return
+        try:
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: self.finish(opt))
+            self.callback_queued = True
+        except RuntimeError:
+            pass  # not inside a backward pass: finished lazily
+
+    def finish(self, opt: ProdigyPlusScheduleFree) -> None:
+        self.callback_queued = False
+        if self.scalars is None:
+            return
+        scalars, entries = self.scalars, sorted(self.buckets, key=lambda e: e[0])
+        self.scalars, self.buckets, self.done = None, [], {}
+        buckets = [b for _, b in entries]
+        rows = torch.cat([b.stats for b in buckets])
+        opt._reducer.add(rows)
+        opt._reducer.flush()
+        sums = opt._finish_statistics(buckets, rows)
+        if sums is None:
+            logger.error("fused backward pass: the updates already applied during backward used a non-finite "
+                         "gradient; d and the step counter were left untouched")
+            return
+        opt._end_step(scalars, sums, stepped={id(b.group) for b in buckets if not b.sc["adopt_first"]})
+
+
+def _param_order(opt: ProdigyPlusScheduleFree) -> dict[int, tuple[int, int]]:
+    """id(param) -> (group index, position over all groups)."""
+    order, pos = {}, 0
+    for gi, g in enumerate(opt.param_groups):
+        for p in g["params"]:
+            order[id(p)] = (gi, pos)
+            pos += 1
+    return order
