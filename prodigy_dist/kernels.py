@@ -16,7 +16,6 @@ Per-tensor scalars that depend on data (RMS scales, mask means) stay on the devi
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Generator
 
@@ -121,8 +120,8 @@ def _factored_denominators(b: Bucket, beta2: float, d: float) -> tuple[list[torc
         if b.group["use_adopt"]:
             before.append(_factored_sqrt(r, c, dc, layout))
         shape = layout.global_shape
-        r.mul_(beta2).add_(row.mul_(1.0 / shape[dr]), alpha=(1 - beta2) * d * d)
-        c.mul_(beta2).add_(col.mul_(1.0 / shape[dc]), alpha=(1 - beta2) * d * d)
+        r.mul_(beta2).add_(row.div_(shape[dr]), alpha=(1 - beta2) * d * d)
+        c.mul_(beta2).add_(col.div_(shape[dc]), alpha=(1 - beta2) * d * d)
         after.append(_factored_sqrt(r, c, dc, layout))
     return before, after
 
@@ -131,7 +130,7 @@ def _factored_sqrt(r: torch.Tensor, c: torch.Tensor, dc: int, layout: ParamLayou
     """sqrt(R * C / mean_dc(R)): the Adafactor estimate of sqrt(v) for every shape (ALGORITHM.md A4)."""
     # R is reduced over dr, so it is complete along dc unless dc is the sharded dim 0; there the mean needs the
     # global sum (the sharded layouts of the FSDP2 issue provide it through the reducer).
-    mean = r.sum(dim=dc, keepdim=True).mul_(1.0 / layout.global_shape[dc]).add_(1e-30)
+    mean = r.sum(dim=dc, keepdim=True).div_(layout.global_shape[dc]).add_(1e-30)
     return (r / mean * c).sqrt_()
 
 
@@ -154,8 +153,7 @@ def _normalise(nums: list[torch.Tensor], denoms: list[torch.Tensor], ws: list[to
 
 def _cautious_mask_(product: torch.Tensor, count: torch.Tensor, numel: int) -> torch.Tensor:
     """In place: 1[product > 0] / max(mean, 1e-3), with the (reduced) count of positive entries."""
-    mask = product.gt_(0).float() if product.dtype == torch.bool else (product > 0).float()
-    return mask.mul_(1.0 / torch.clamp_min(count / numel, 1e-3))
+    return (product > 0).float().div_(torch.clamp_min(count / numel, 1e-3))
 
 
 @torch.no_grad()
@@ -235,7 +233,7 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
         if stable:
             numels = torch.tensor([_numel(u, b) for u in us], dtype=torch.float32, device=sums.device)
             rms = (uu / numels).sqrt()
-            torch._foreach_mul_(us, list(rms.clamp_min(1.0).rsqrt().unbind(0)))
+            torch._foreach_div_(us, list(rms.clamp_min(1.0).sqrt().unbind(0)))
 
     if not sc["prodigy_active"]:
         for st in b.states:

@@ -7,7 +7,6 @@ paths to it step by step. It makes no attempt to be fast: host synchronisations 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -102,7 +101,7 @@ class ReferenceProdigyPlusScheduleFree(torch.optim.Optimizer):
         if "exp_avg_sq_row" in state:
             dr, dc = factored_dims(tuple(p.shape), True)
             row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-            row_mean = row.mean(dim=dc, keepdim=True) + 1e-30  # correct Adafactor for every shape (A4)
+            row_mean = row.sum(dim=dc, keepdim=True) / p.shape[dc] + 1e-30  # correct Adafactor for every shape (A4)
             return (row / row_mean * col).sqrt()
         return state["exp_avg_sq"].sqrt()
 
@@ -114,8 +113,9 @@ class ReferenceProdigyPlusScheduleFree(torch.optim.Optimizer):
             state["exp_avg_sq"].mul_(beta2).add_(w, alpha=(1 - beta2) * d * d)
         elif "exp_avg_sq_row" in state:
             dr, dc = factored_dims(tuple(p.shape), True)
-            row_mean_sq = (g * g).sum(dim=dr, keepdim=True) / p.shape[dr]
-            col_mean_sq = (g * g).sum(dim=dc, keepdim=True) / p.shape[dc]
+            # mean of g^2 along a dim, as a sum of squares (a squared norm) over the dim's size
+            row_mean_sq = torch.linalg.vector_norm(g, dim=dr, keepdim=True).square() / p.shape[dr]
+            col_mean_sq = torch.linalg.vector_norm(g, dim=dc, keepdim=True).square() / p.shape[dc]
             state["exp_avg_sq_row"].mul_(beta2).add_(row_mean_sq, alpha=(1 - beta2) * d * d)
             state["exp_avg_sq_col"].mul_(beta2).add_(col_mean_sq, alpha=(1 - beta2) * d * d)
         elif "exp_avg_sq" in state:
@@ -218,7 +218,7 @@ class ReferenceProdigyPlusScheduleFree(torch.optim.Optimizer):
         if group["use_orthograd"]:
             u = self._orthograd(w, u)
         if group["use_stableadamw"] and group["eps"] is not None:
-            rms = torch.linalg.vector_norm(u) / math.sqrt(u.numel())
+            rms = (torch.linalg.vector_norm(u).square() / u.numel()).sqrt()
             u = u / rms.clamp_min(1.0).sqrt()
 
         if sc["prodigy_active"]:
@@ -231,24 +231,25 @@ class ReferenceProdigyPlusScheduleFree(torch.optim.Optimizer):
         if sf:
             c, xy = sc["c"], sc["xy"]
             y_old = y.clone()
+            # torch.add(a, b, alpha=s) is a + s * b
             if lam != 0 and group["weight_decay_by_lr"]:
-                u = u + lam * y
+                u = torch.add(u, y, alpha=lam)
             if group["use_cautious"] or group["use_grams"]:
-                big_u = c * (y - z) + dlr * xy * u
-                z = z - dlr * u
+                big_u = torch.add((y - z) * c, u, alpha=dlr * xy)  # the total decrement of y
+                z = torch.add(z, u, alpha=-dlr)
                 if group["use_cautious"]:
                     y = y - big_u * self._cautious_mask(u * big_u)
                 else:
                     y = y - big_u.abs() * torch.sign(u)
             else:
-                y = (1 - c) * y + c * z - dlr * xy * u
-                z = z - dlr * u
+                y = torch.add(torch.lerp(y, z, c), u, alpha=-dlr * xy)  # (1 - c) y + c z - dlr xy u
+                z = torch.add(z, u, alpha=-dlr)
             if lam != 0 and not group["weight_decay_by_lr"]:
-                z = z - lam * y_old
-                y = y - lam * xy * y_old
+                z = torch.add(z, y_old, alpha=-lam)
+                y = torch.add(y, y_old, alpha=-lam * xy)
         else:
             decay = lam * (dlr if group["weight_decay_by_lr"] else 1.0)
-            y = y * (1 - decay) - dlr * u
+            y = torch.add(y * (1 - decay), u, alpha=-dlr)
 
         step = group["k"]
         write_back_(p, y, group["stochastic_rounding"], flat_offset=0, seed=self.sr_seed, step=step, stream=0)

@@ -1,0 +1,169 @@
+"""The fast optimizer equals the readable reference implementation, step by step, for every option."""
+
+import copy
+
+import pytest
+import torch
+
+from prodigy_dist import ProdigyPlusScheduleFree, fused_backward
+from prodigy_dist.reference import ReferenceProdigyPlusScheduleFree
+
+from .helpers import MixedModel, loss_of, make_pair, max_rel_diff, train_step, two_groups
+
+OPTIONS = {
+    "defaults": {},
+    "eps_none": dict(eps=None),
+    "no_stableadamw": dict(use_stableadamw=False),
+    "bias_correction": dict(use_bias_correction=True),
+    "wd_by_lr": dict(weight_decay=0.1),
+    "wd_raw": dict(weight_decay=0.01, weight_decay_by_lr=False),
+    "no_limiter": dict(d_limiter=False, d_coef=0.5),
+    "prodigy_steps": dict(prodigy_steps=8),
+    "speed": dict(use_speed=True),
+    "unfactored": dict(factored=False),
+    "factored_bf16_stats": dict(factored_fp32=False),
+    "cautious": dict(use_cautious=True),
+    "grams": dict(use_grams=True),
+    "adopt": dict(use_adopt=True),
+    "orthograd": dict(use_orthograd=True),
+    "focus": dict(use_focus=True),
+    "schedulefree_c": dict(schedulefree_c=10.0),
+    "no_split": dict(split_groups=False),
+    "split_no_mean": dict(split_groups_mean=False),
+    "beta3": dict(beta3=0.9, betas=(0.95, 0.999)),
+    "muon": dict(use_muon_pp=True),
+    "muon_cautious_orthograd": dict(use_muon_pp=True, use_cautious=True, use_orthograd=True),
+    "prodigy_mode": dict(use_schedulefree=False),
+    "prodigy_cautious": dict(use_schedulefree=False, use_cautious=True),
+    "prodigy_grams": dict(use_schedulefree=False, use_grams=True),
+    "prodigy_adopt": dict(use_schedulefree=False, use_adopt=True),
+    "prodigy_adopt_cautious": dict(use_schedulefree=False, use_adopt=True, use_cautious=True),
+    "prodigy_focus": dict(use_schedulefree=False, use_focus=True),
+    "prodigy_orthograd_eps_none": dict(use_schedulefree=False, use_orthograd=True, eps=None),
+    "prodigy_speed_wd": dict(use_schedulefree=False, use_speed=True, weight_decay=0.01),
+    "prodigy_muon": dict(use_schedulefree=False, use_muon_pp=True),
+    "everything_sf": dict(use_bias_correction=True, weight_decay=0.05, use_cautious=True, use_orthograd=True,
+                          schedulefree_c=5.0, use_speed=True),
+}
+
+STEPS = 30
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_fast_equals_reference_fp32(name):
+    options = OPTIONS[name]
+    ma, fast, mb, ref = make_pair(ProdigyPlusScheduleFree, ReferenceProdigyPlusScheduleFree, options)
+    for step in range(STEPS):
+        la = train_step(ma, fast, step)
+        lb = train_step(mb, ref, step)
+        for ga, gb in zip(fast.param_groups, ref.param_groups):
+            assert ga["k"] == gb["k"]
+            assert ga["d"] == pytest.approx(gb["d"], rel=1e-6), f"step {step}"
+        assert la == pytest.approx(lb, rel=1e-5, abs=1e-7)
+    assert max_rel_diff(ma, mb) < 1e-5
+    if fast.param_groups[0]["use_schedulefree"]:
+        fast.eval()
+        ref.eval()
+        assert max_rel_diff(ma, mb) < 1e-5
+    # the run really moved: d grew from d0 and the weights changed
+    assert fast.param_groups[0]["d"] > fast.param_groups[0]["d0"] or options.get("use_bias_correction")
+
+
+@pytest.mark.parametrize("name", ["defaults", "unfactored", "prodigy_mode", "eps_none", "muon", "speed"])
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_fast_equals_reference_bf16(name, stochastic):
+    """bf16 weights: identical up to a few bf16 rounding flips of the fp32 intermediates (1 ulp = 2**-8 rel)."""
+    options = dict(OPTIONS[name], stochastic_rounding=stochastic)
+    dtype = torch.bfloat16
+    ma, fast, mb, ref = make_pair(ProdigyPlusScheduleFree, ReferenceProdigyPlusScheduleFree, options, dtype=dtype)
+    for step in range(20):
+        train_step(ma, fast, step, dtype)
+        train_step(mb, ref, step, dtype)
+    assert fast.param_groups[0]["d"] == pytest.approx(ref.param_groups[0]["d"], rel=2e-3)
+    assert max_rel_diff(ma, mb) < 2e-2
+    for p in ma.parameters():
+        assert p.dtype == dtype
+        st = fast.state[p]
+        assert st["p0"].dtype == torch.bfloat16
+        if "exp_avg_sq_row" in st:
+            assert st["exp_avg_sq_row"].dtype == torch.float32
+
+
+def test_stochastic_rounding_is_unbiased_and_deterministic():
+    """bf16 weights with many tiny updates drift like fp32 on average (round-to-nearest would stall)."""
+    from prodigy_dist.rounding import copy_stochastic_
+    src = torch.full((200_000,), 1.0 + 2 ** -10)  # between two bf16 values, 1/8 of the way up
+    out = torch.empty(200_000, dtype=torch.bfloat16)
+    copy_stochastic_(out, src, flat_offset=0, seed=3, step=1, stream=0)
+    assert out.float().mean().item() == pytest.approx(src.mean().item(), abs=2e-4)
+    assert set(out.float().unique().tolist()) == {1.0, 1.0078125}
+    again = torch.empty_like(out)
+    copy_stochastic_(again, src, flat_offset=0, seed=3, step=1, stream=0)
+    assert torch.equal(out, again)
+    # a piece of the tensor at its global offset rounds exactly like the whole tensor (layout independence)
+    piece = torch.empty(1000, dtype=torch.bfloat16)
+    copy_stochastic_(piece, src[5000:6000], flat_offset=5000, seed=3, step=1, stream=0)
+    assert torch.equal(piece, out[5000:6000])
+
+
+def _fused_pair(options):
+    torch.manual_seed(0)
+    ma = MixedModel()
+    mb = copy.deepcopy(ma)
+    plain = ProdigyPlusScheduleFree(two_groups(ma), **options)
+    fused = ProdigyPlusScheduleFree(two_groups(mb), fused_back_pass=True, **options)
+    fused_backward.attach(fused)
+    return ma, plain, mb, fused
+
+
+@pytest.mark.parametrize("name", ["defaults", "speed", "muon", "prodigy_mode", "cautious", "no_split"])
+def test_fused_backward_equals_step(name):
+    ma, plain, mb, fused = _fused_pair(OPTIONS[name])
+    for step in range(12):
+        train_step(ma, plain, step)
+        loss_of(mb, step).backward()
+        fused.step()  # a no-op: the hooks stepped every parameter during backward
+        assert all(p.grad is None for p in mb.parameters())
+    assert [g["k"] for g in fused.param_groups] == [g["k"] for g in plain.param_groups] == [13, 13]
+    assert [g["d"] for g in fused.param_groups] == [g["d"] for g in plain.param_groups]
+    assert max_rel_diff(ma, mb) == 0.0
+
+
+def test_fused_backward_unused_parameter_and_accumulation():
+    """A parameter with no gradient and gradient accumulation shift neither the step counter nor d."""
+    ma, plain, mb, fused = _fused_pair({})
+    ma.unfactored.weight.requires_grad_(False)
+    mb.unfactored.weight.requires_grad_(False)
+    for step in range(6):
+        plain.zero_grad()
+        (loss_of(ma, 2 * step) + loss_of(ma, 2 * step + 1)).backward()
+        plain.step()
+        with fused_backward.accumulate(fused):
+            loss_of(mb, 2 * step).backward()
+        loss_of(mb, 2 * step + 1).backward()
+    assert fused.param_groups[0]["k"] == plain.param_groups[0]["k"] == 7
+    assert fused.param_groups[0]["d"] == pytest.approx(plain.param_groups[0]["d"], rel=1e-6)
+    assert max_rel_diff(ma, mb) < 1e-5
+
+
+def test_fused_backward_hook_firing_twice_starts_a_new_step():
+    """Stepping the same parameter again (hooks driven by hand, no backward) finishes the previous step first."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64, 40))
+    q = torch.nn.Parameter(torch.randn(40))
+    opt = ProdigyPlusScheduleFree([p, q], fused_back_pass=True)
+    for step in range(3):
+        p.grad = torch.randn(64, 40)
+        opt.step_param(p)
+        p.grad = None
+    assert opt.param_groups[0]["k"] == 3  # two steps finished, the third still open
+    opt.step()
+    assert opt.param_groups[0]["k"] == 4
+
+
+def test_fused_back_pass_without_hooks_is_an_error():
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = ProdigyPlusScheduleFree([p], fused_back_pass=True)
+    p.grad = torch.ones(4)
+    with pytest.raises(RuntimeError, match="fused_backward.attach"):
+        opt.step()
