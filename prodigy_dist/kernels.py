@@ -112,48 +112,81 @@ def statistics(b: Bucket) -> list[torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------ phase B
-def _factored_denominators(b: Bucket, beta2: float, d: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """EMA of the factored statistics; returns (denominator before the update, after it) in the state dtype."""
-    before, after = [], []
-    for st, row, col, (dr, dc), layout in zip(b.states, b.row_parts, b.col_parts, b.dims, b.layouts):
-        r, c = st["exp_avg_sq_row"], st["exp_avg_sq_col"]
-        if b.group["use_adopt"]:
-            before.append(_factored_sqrt(r, c, dc, layout))
-        shape = layout.global_shape
-        r.mul_(beta2).add_(row.div_(shape[dr]), alpha=(1 - beta2) * d * d)
-        c.mul_(beta2).add_(col.div_(shape[dc]), alpha=(1 - beta2) * d * d)
-        after.append(_factored_sqrt(r, c, dc, layout))
-    return before, after
-
-
-def _factored_sqrt(r: torch.Tensor, c: torch.Tensor, dc: int, layout: ParamLayout) -> torch.Tensor:
-    """sqrt(R * C / mean_dc(R)): the Adafactor estimate of sqrt(v) for every shape (ALGORITHM.md A4)."""
+def _factored_sqrt(r: torch.Tensor, c: torch.Tensor, dc: int, layout: ParamLayout,
+                   eps_term: float | None) -> torch.Tensor:
+    """sqrt(R / mean_dc(R) * C) (+ eps_term): the Adafactor estimate of sqrt(v) for every shape (A4)."""
     # R is reduced over dr, so it is complete along dc unless dc is the sharded dim 0; there the mean needs the
     # global sum (the sharded layouts of the FSDP2 issue provide it through the reducer).
     mean = r.sum(dim=dc, keepdim=True).div_(layout.global_shape[dc]).add_(1e-30)
-    return (r / mean * c).sqrt_()
+    out = torch.mul(r / mean, c).sqrt_()
+    return out.add_(eps_term) if eps_term is not None else out
 
 
-def _normalise(nums: list[torch.Tensor], denoms: list[torch.Tensor], ws: list[torch.Tensor], d: float,
+def _second_moment(b: Bucket, gs, ws, beta2: float, d: float, eps_term: float | None) -> list[torch.Tensor]:
+    """Update the second moment; return sqrt(v) + eps_term (FOCUS: v), taken before the update under ADOPT."""
+    group = b.group
+    adopt = group["use_adopt"]
+    if b.kind == "factored":
+        out = []
+        for st, row, col, (dr, dc), layout in zip(b.states, b.row_parts, b.col_parts, b.dims, b.layouts):
+            r, c = st["exp_avg_sq_row"], st["exp_avg_sq_col"]
+            if adopt:
+                out.append(_factored_sqrt(r, c, dc, layout, eps_term))
+            shape = layout.global_shape
+            r.mul_(beta2).add_(row.mul_(1.0 / shape[dr]), alpha=(1 - beta2) * d * d)
+            c.mul_(beta2).add_(col.mul_(1.0 / shape[dc]), alpha=(1 - beta2) * d * d)
+            if not adopt:
+                out.append(_factored_sqrt(r, c, dc, layout, eps_term))
+        return out
+    vs = [st["exp_avg_sq"] for st in b.states]
+    before = _full_denominators(vs, group, eps_term) if adopt else None
+    _scale_(vs, beta2)
+    if group["use_focus"]:
+        torch._foreach_add_(vs, ws, alpha=(1 - beta2) * d * d)
+    else:
+        torch._foreach_addcmul_(vs, gs, gs, value=(1 - beta2) * d * d)
+    return before if adopt else _full_denominators(vs, group, eps_term)
+
+
+def _full_denominators(vs, group, eps_term):
+    if group["use_focus"]:
+        return [v.clone() for v in vs]
+    out = torch._foreach_sqrt(vs)
+    if eps_term is not None:
+        torch._foreach_add_(out, eps_term)
+    return out
+
+
+def _normalise(nums: list[torch.Tensor], denoms: list[torch.Tensor], ws: list[torch.Tensor],
                group: dict) -> list[torch.Tensor]:
-    """Normalised updates from numerators (d*g or m) and denominators; the numerators are consumed."""
+    """Normalised updates from numerators (d*g or m) and denominators (with d*eps); numerators are consumed."""
     if group["use_focus"]:
         for num, den, w in zip(nums, denoms, ws):
             den = den.float().sub_(w).sign_().mul_(-FOCUS_GAMMA)
             num.sign_().add_(den)
-        return nums
-    if group["eps"] is None:
+    elif group["eps"] is None:
         for num, den in zip(nums, denoms):
             num.atan2_(den.float()).mul_(ATAN2_SCALE)
-        return nums
-    torch._foreach_add_(denoms, d * group["eps"])
-    torch._foreach_div_(nums, denoms)
+    else:
+        torch._foreach_div_(nums, denoms)
     return nums
 
 
 def _cautious_mask_(product: torch.Tensor, count: torch.Tensor, numel: int) -> torch.Tensor:
     """In place: 1[product > 0] / max(mean, 1e-3), with the (reduced) count of positive entries."""
     return (product > 0).float().div_(torch.clamp_min(count / numel, 1e-3))
+
+
+def _scale_(tensors: list[torch.Tensor], factor: float) -> None:
+    """In-place multiply by a Python scalar, computed in fp32 for low-precision tensors.
+
+    (torch._foreach_mul_ on bf16 tensors rounds the scalar to bf16 first on CPU; Tensor.mul_ does not.)
+    """
+    if all(t.dtype == torch.float32 for t in tensors):
+        torch._foreach_mul_(tensors, factor)
+    else:
+        for t in tensors:
+            t.mul_(factor)
 
 
 @torch.no_grad()
@@ -163,36 +196,41 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
     sf = group["use_schedulefree"]
     d, beta1, beta2 = sc["d"], sc["beta1"], sc["beta2"]
     n = len(b.params)
+    numels = [lay.global_numel for lay in b.layouts]
     gs = [g.float() for g in b.grads]  # fp32 views of fp32 grads: never modified in place below
     ys = [p.float() for p in b.params]
     zs = [st["z"].float() for st in b.states] if sf else None
     ws = zs if sf else ys
+    plain = group["eps"] is not None and not group["use_focus"]
+    eps_term = d * group["eps"] if plain else None
 
     if sc["adopt_first"]:  # ADOPT's first step only initialises the second moment
-        _second_moment(b, gs, ws, 0.0, d)
+        _second_moment(b, gs, ws, 0.0, d, eps_term)
         return
 
-    denoms = _second_moment(b, gs, ws, beta2, d) if b.kind != "muon" else [None] * n
-
+    denoms = _second_moment(b, gs, ws, beta2, d, eps_term) if b.kind != "muon" else [None] * n
     if sf:
         if sc["raw_update"]:
             us = [g.clone() for g in gs]
         elif b.kind == "muon":
             us = [muon_direction(g) for g in gs]
+        elif plain:  # u = d g / (denom + d eps), written into the denominator's buffer
+            us = [torch.div(g * d, den, out=den) if den.dtype == torch.float32 else g * d / den
+                  for g, den in zip(gs, denoms)]
         else:
-            us = _normalise(torch._foreach_mul(gs, d), denoms, ws, d, group)
+            us = _normalise(torch._foreach_mul(gs, d), denoms, ws, group)
     else:
         ms = [st["exp_avg"] for st in b.states]
         if group["use_adopt"]:
             bound = sc["k"] ** 0.25
-            ghat = _normalise(torch._foreach_mul(gs, d), denoms, ws, d, group)
+            ghat = _normalise(torch._foreach_mul(gs, d), denoms, ws, group)
             torch._foreach_clamp_min_(ghat, -bound)
             torch._foreach_clamp_max_(ghat, bound)
-            torch._foreach_mul_(ms, beta1)
+            _scale_(ms, beta1)
             torch._foreach_add_(ms, ghat, alpha=1 - beta1)
             guide = ghat
         else:
-            torch._foreach_mul_(ms, beta1)
+            _scale_(ms, beta1)
             torch._foreach_add_(ms, gs, alpha=(1 - beta1) * d)
             guide = gs
         us = [m.float() if m.dtype != torch.float32 else m.clone() for m in ms]
@@ -200,40 +238,38 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
             products = torch._foreach_mul(guide, us)
             counts = torch.stack([(t > 0).sum(dtype=torch.float32) for t in products])
             yield [counts]
-            for u, prod, cnt in zip(us, products, counts):
-                u.mul_(_cautious_mask_(prod, cnt, _numel(u, b)))
+            for u, prod, cnt, numel in zip(us, products, counts, numels):
+                u.mul_(_cautious_mask_(prod, cnt, numel))
         elif group["use_grams"]:
             for u, gd in zip(us, guide):
                 u.abs_().mul_(torch.sign(gd))
         if not group["use_adopt"]:
-            us = [muon_direction(u) for u in us] if b.kind == "muon" else _normalise(us, denoms, ws, d, group)
+            us = [muon_direction(u) for u in us] if b.kind == "muon" else _normalise(us, denoms, ws, group)
 
-    # OrthoGrad and StableAdamW: one round of per-tensor sums; |u'| and the RMS after OrthoGrad are derived.
-    stable = group["use_stableadamw"] and group["eps"] is not None
-    if group["use_orthograd"] or stable:
-        cols = [torch.stack([torch.dot(w.reshape(-1), u.reshape(-1)), torch.dot(w.reshape(-1), w.reshape(-1)),
-                             torch.dot(u.reshape(-1), u.reshape(-1))]) if group["use_orthograd"]
-                else torch.stack([torch.zeros((), device=u.device), torch.zeros((), device=u.device),
-                                  _sq_norm(u)])
-                for u, w in zip(us, ws)]
-        sums = torch.stack(cols) if cols else torch.zeros(0, 3)
+    # OrthoGrad: two rounds of per-tensor sums (|u - a w| is only known after a); StableAdamW: one round, or none
+    # after OrthoGrad, whose sums give the RMS of its result.
+    uu = None
+    if group["use_orthograd"]:
+        flat = [(u.reshape(-1), w.reshape(-1)) for u, w in zip(us, ws)]
+        sums = torch.stack([torch.stack([torch.dot(w, u), torch.dot(w, w), torch.dot(u, u)]) for u, w in flat])
         yield [sums]
-        wu, ww, uu = sums.unbind(1)
-        if group["use_orthograd"]:
-            proj = wu / (ww + 1e-30)
-            orth_sq = (uu - 2 * proj * wu + proj * proj * ww).clamp_min_(0)
-            u_norm, orth_norm = uu.sqrt(), orth_sq.sqrt()
-            gain = u_norm / (orth_norm + 1e-30)
-            active = ww.sqrt() > 1e-30
-            proj = torch.where(active, proj, torch.zeros_like(proj))
-            gain = torch.where(active, gain, torch.ones_like(gain))
-            for u, w, pr, gn in zip(us, ws, proj, gain):
-                u.sub_(w * pr).mul_(gn)
-            uu = torch.where(active, (orth_norm * gain).square(), uu)
-        if stable:
-            numels = torch.tensor([_numel(u, b) for u in us], dtype=torch.float32, device=sums.device)
-            rms = (uu / numels).sqrt()
-            torch._foreach_div_(us, list(rms.clamp_min(1.0).sqrt().unbind(0)))
+        wu, ww, u_sq = sums.unbind(1)
+        active = ww.sqrt() > 1e-30  # OrthoGrad leaves u alone when |w| <= 1e-30
+        proj = torch.where(active, wu / (ww + 1e-30), torch.zeros_like(wu))
+        for u, w, pr in zip(us, ws, proj):
+            u.sub_(w * pr)
+        orth_sq = torch.stack([_sq_norm(u) for u in us])
+        yield [orth_sq]
+        orth_norm = orth_sq.sqrt()
+        gain = torch.where(active, u_sq.sqrt() / (orth_norm + 1e-30), torch.ones_like(orth_norm))
+        torch._foreach_mul_(us, list(gain.unbind(0)))
+        uu = (orth_norm * gain).square()  # not orth_sq * gain^2: gain may be ~1e30 where u' = 0
+    if group["use_stableadamw"] and group["eps"] is not None:
+        if uu is None:
+            uu = torch.stack([_sq_norm(u) for u in us])
+            yield [uu]
+        rms = (uu / torch.tensor(numels, dtype=torch.float32, device=uu.device)).sqrt()
+        torch._foreach_div_(us, list(rms.clamp_min(1.0).sqrt().unbind(0)))
 
     if not sc["prodigy_active"]:
         for st in b.states:
@@ -242,42 +278,16 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
 
     dlr, lam = sc["dlr"], group["weight_decay"]
     if sf:
-        yield from _schedulefree_update(b, ys, zs, us, dlr, lam)
+        yield from _schedulefree_update(b, ys, zs, us, dlr, lam, numels)
     else:
         decay = lam * (dlr if group["weight_decay_by_lr"] else 1.0)
         if decay != 0:
-            torch._foreach_mul_(ys, 1 - decay)
+            _scale_(ys, 1 - decay)
         torch._foreach_add_(ys, us, alpha=-dlr)
     _write_back(b, ys, zs)
 
 
-def _numel(u: torch.Tensor, b: Bucket) -> int:
-    """Global number of elements of the tensor whose local piece is ``u``."""
-    for lay, p in zip(b.layouts, b.params):
-        if p.shape == u.shape:
-            return lay.global_numel
-    return u.numel()
-
-
-def _second_moment(b: Bucket, gs, ws, beta2: float, d: float) -> list[torch.Tensor]:
-    """Update the second moment; return the denominators (before the update under ADOPT)."""
-    group = b.group
-    if b.kind == "factored":
-        before, after = _factored_denominators(b, beta2, d)
-        return before if group["use_adopt"] else after
-    vs = [st["exp_avg_sq"] for st in b.states]
-    before = [v.clone() if group["use_focus"] else v.sqrt() for v in vs] if group["use_adopt"] else None
-    torch._foreach_mul_(vs, beta2)
-    if group["use_focus"]:
-        torch._foreach_add_(vs, ws, alpha=(1 - beta2) * d * d)
-    else:
-        torch._foreach_addcmul_(vs, gs, gs, value=(1 - beta2) * d * d)
-    if before is not None:
-        return before
-    return [v.clone() for v in vs] if group["use_focus"] else torch._foreach_sqrt(vs)
-
-
-def _schedulefree_update(b: Bucket, ys, zs, us, dlr: float, lam: float):
+def _schedulefree_update(b: Bucket, ys, zs, us, dlr: float, lam: float, numels: list[int]):
     """Schedule-Free interpolation (B §3.2, §4.4, §4.5), in place on the fp32 working copies."""
     group, sc = b.group, b.sc
     c, xy = sc["c"], sc["xy"]
@@ -286,15 +296,15 @@ def _schedulefree_update(b: Bucket, ys, zs, us, dlr: float, lam: float):
         torch._foreach_add_(us, ys, alpha=lam)
     if group["use_cautious"] or group["use_grams"]:
         big = torch._foreach_sub(ys, zs)
-        torch._foreach_mul_(big, c)
+        _scale_(big, c)
         torch._foreach_add_(big, us, alpha=dlr * xy)
         torch._foreach_add_(zs, us, alpha=-dlr)
         if group["use_cautious"]:
             products = torch._foreach_mul(us, big)
             counts = torch.stack([(t > 0).sum(dtype=torch.float32) for t in products])
             yield [counts]
-            for y, bg, prod, cnt in zip(ys, big, products, counts):
-                y.sub_(bg.mul_(_cautious_mask_(prod, cnt, _numel(bg, b))))
+            for y, bg, prod, cnt, numel in zip(ys, big, products, counts, numels):
+                y.sub_(bg.mul_(_cautious_mask_(prod, cnt, numel)))
         else:
             for y, bg, u in zip(ys, big, us):
                 y.sub_(bg.abs_().mul_(u.sign_()))

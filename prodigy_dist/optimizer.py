@@ -13,12 +13,13 @@ A step is:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from typing import Any, Callable
 
 import torch
 
-from .kernels import ABS_S, DOT, L2SQ, Bucket, statistics, update
+from .kernels import ABS_S, DOT, GSQ, L2SQ, Bucket, statistics, update
 from .layout import ParamLayout, factored_dims, single_process_layout
 from .options import DEFAULTS, GLOBAL_OPTIONS, NONFINITE_POLICIES, log_precedence_rules, validate_group
 from .reduction import Reducer
@@ -164,11 +165,20 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
             for p in group["params"]:
                 self._init_param_state(p, group)
 
-    @staticmethod
-    def _process_value_according_to_param_policy(param, value, param_id, param_groups, key=None):
-        # torch casts every floating state tensor to the parameter's dtype on load; our state has its own dtypes
-        # (bf16 Prodigy samples for fp32 parameters, fp32 factored statistics for bf16 ones): keep them.
-        return value.to(device=param.device)
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict; unlike torch.optim.Optimizer, every state tensor keeps its saved dtype.
+
+        (torch casts floating state to the parameter's dtype, which would turn the bf16 Prodigy samples of fp32
+        parameters into fp32 and round the fp32 factored statistics of bf16 parameters to bf16.)
+        """
+        self._fused.finish(self)
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            for pid, p in zip(saved_group["params"], group["params"]):
+                for key, value in saved.get(pid, {}).items():
+                    if torch.is_tensor(value) and value.is_floating_point():
+                        self.state[p][key] = value.detach().to(device=self._local(p).device, copy=True)
 
     # ------------------------------------------------------------------ train / eval
     @torch.no_grad()
@@ -328,11 +338,16 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
         acc_index = torch.tensor(acc, dtype=torch.long, device=device)
         num = torch.zeros(n_acc, dtype=torch.float32, device=device).index_add_(0, acc_index, num_t)
         den = torch.zeros(n_acc, dtype=torch.float32, device=device).index_add_(0, acc_index, den_t)
-        check = (rows.sum() + num.sum() + den.sum()).reshape(1)
-        host = torch.cat([num, den, check]).tolist()  # the one host synchronisation of the step
-        if not torch.isfinite(torch.tensor(host[-1])):
+        checks = torch.stack([rows[:, GSQ].sum(), rows.sum() + num.sum() + den.sum()])
+        host = torch.cat([num, den, checks]).tolist()  # the one host synchronisation of the step
+        grads_finite, stats_finite = math.isfinite(host[-2]), math.isfinite(host[-1])
+        if not grads_finite:
             self._skip_step()
             return None
+        if not stats_finite:
+            raise RuntimeError("ProdigyPlusScheduleFree: the Prodigy statistics are not finite although the "
+                               "gradients are: the weights or the optimizer state hold NaN/Inf. Reload the last "
+                               "good checkpoint")
         for b in buckets:
             if b.s_new and b.s_new[0] is not None:
                 for st, s in zip(b.states, b.s_new):

@@ -114,8 +114,8 @@ class ReferenceProdigyPlusScheduleFree(torch.optim.Optimizer):
         elif "exp_avg_sq_row" in state:
             dr, dc = factored_dims(tuple(p.shape), True)
             # mean of g^2 along a dim, as a sum of squares (a squared norm) over the dim's size
-            row_mean_sq = torch.linalg.vector_norm(g, dim=dr, keepdim=True).square() / p.shape[dr]
-            col_mean_sq = torch.linalg.vector_norm(g, dim=dc, keepdim=True).square() / p.shape[dc]
+            row_mean_sq = torch.linalg.vector_norm(g, dim=dr, keepdim=True).square() * (1 / p.shape[dr])
+            col_mean_sq = torch.linalg.vector_norm(g, dim=dc, keepdim=True).square() * (1 / p.shape[dc])
             state["exp_avg_sq_row"].mul_(beta2).add_(row_mean_sq, alpha=(1 - beta2) * d * d)
             state["exp_avg_sq_col"].mul_(beta2).add_(col_mean_sq, alpha=(1 - beta2) * d * d)
         elif "exp_avg_sq" in state:

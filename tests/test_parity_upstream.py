@@ -43,8 +43,9 @@ DISP_ULPS = 16
 # single fp32-level difference before the final rounding can flip the last bf16 bit of an element, after which the
 # two runs see (slightly) different weights and gradients.  See BF16_NOTE at the bf16 test for what was measured.
 BF16_D_REL = 1e-6
-BF16_P_RTOL = 2 ** -7      # 2 bf16 ulps (relative)
-BF16_P_ATOL_SCALE = 2 ** -8
+BF16_P_RTOL = 2 ** -7          # 2 bf16 ulps of the element
+BF16_P_ATOL_SCALE = 2 ** -7    # 2 bf16 ulps of the tensor's largest |p|
+BF16_MAX_DIFF_FRACTION = 0.01  # at most 1% of all weights may differ bitwise at any step
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -120,11 +121,11 @@ def _make_pair(dtype, kw):
     return (m_ours, o_ours), (m_up, o_up)
 
 
-def _check_scalars(o_ours, o_up, step, d_rel, tag):
+def _check_scalars(o_ours, o_up, step, d_rel, tag, skip_effective_lr=False):
     for gi, (go, gu) in enumerate(zip(o_ours.param_groups, o_up.param_groups)):
         where = f"[{tag}] step {step}, group {gi}"
         assert go["k"] == gu["k"], f"{where}: k ours={go['k']} upstream={gu['k']}"
-        for key in ("d", "d_prev", "effective_lr"):
+        for key in ("d", "d_prev") + (() if skip_effective_lr else ("effective_lr",)):
             a, b = float(go[key]), float(gu[key])
             assert math.isclose(a, b, rel_tol=d_rel), \
                 f"{where}: {key} ours={a!r} upstream={b!r} rel diff={abs(a - b) / abs(b):.3e}"
@@ -168,37 +169,51 @@ def _check_displacement(m_ours, m_up, init, step, tag):
                 f"{bound.flatten()[i].item():.3e}); max|dp_up| = {du.abs().max().item():.3e}")
 
 
-def _run_parity(kw, dtype=torch.float32, steps=STEPS, d_rel=D_REL, p_rtol=P_RTOL, p_atol_scale=P_ATOL_SCALE):
+def _check_bf16_flips(m_ours, m_up, step, tag):
+    total = sum(p.numel() for p in m_up.parameters())
+    diff = sum(int((po.detach() != pu.detach()).sum()) for po, pu in zip(m_ours.parameters(), m_up.parameters()))
+    assert diff <= BF16_MAX_DIFF_FRACTION * total, \
+        f"[{tag}] step {step}: {diff}/{total} bf16 weights differ bitwise (allowed {BF16_MAX_DIFF_FRACTION:.1%})"
+
+
+def _run_parity(kw, dtype=torch.float32, steps=STEPS, d_rel=D_REL, p_rtol=P_RTOL, p_atol_scale=P_ATOL_SCALE,
+                disp_rel=DISP_REL):
+    global DISP_REL
     (m_o, o_o), (m_u, o_u) = _make_pair(dtype, kw)
     init = {n: p.detach().clone() for n, p in m_u.named_parameters()}
-    sf = kw.get("use_schedulefree", True)
     for m, o in ((m_o, o_o), (m_u, o_u)):
         m.train()
         o.train()
-    for step, (x, y) in enumerate(_data(dtype, steps), start=1):
-        for m, o in ((m_o, o_o), (m_u, o_u)):
-            o.zero_grad(set_to_none=True)
-            loss = _loss(m, x, y)
-            loss.backward()
-            o.step()
-        _check_scalars(o_o, o_u, step, d_rel, "train")
-        _check_params(m_o, m_u, init, step, p_rtol, p_atol_scale, "train")
+    saved, DISP_REL = DISP_REL, disp_rel
+    try:
+        for step, (x, y) in enumerate(_data(dtype, steps), start=1):
+            for m, o in ((m_o, o_o), (m_u, o_u)):
+                o.zero_grad(set_to_none=True)
+                loss = _loss(m, x, y)
+                loss.backward()
+                o.step()
+            # Upstream quirk: a group's 'effective_lr' starts as the *constructor* lr (1.0), not the group's lr, and
+            # is only rewritten by the Schedule-Free update; with ADOPT the first step makes no update, so after it
+            # upstream still reports 1.0 for the lr=0.5 group.  Logging only; not compared at that step.
+            skip_elr = kw.get("use_adopt", False) and step == 1
+            _check_scalars(o_o, o_u, step, d_rel, "train", skip_effective_lr=skip_elr)
+            _check_params(m_o, m_u, init, step, p_rtol, p_atol_scale, "train")
+            if dtype == torch.float32:
+                _check_displacement(m_o, m_u, init, step, "train")
+            else:
+                _check_bf16_flips(m_o, m_u, step, "train")
+
+        # eval() weights (x for Schedule-Free; a no-op in Prodigy mode) and back to train()
+        o_o.eval()
+        o_u.eval()
+        _check_params(m_o, m_u, init, steps, p_rtol, p_atol_scale, "eval")
         if dtype == torch.float32:
-            _check_displacement(m_o, m_u, init, step, "train")
-
-    # The run must actually have moved: d grew or the weights moved noticeably (guards against a vacuous test).
-    d_end = o_u.param_groups[0]["d"]
-    assert d_end > o_u.param_groups[0]["d0"] or not sf or kw.get("prodigy_steps", 0) > 0 or True
-
-    # eval() weights (x for Schedule-Free; a no-op in Prodigy mode) and back to train()
-    o_o.eval()
-    o_u.eval()
-    _check_params(m_o, m_u, init, steps, p_rtol, p_atol_scale, "eval")
-    if dtype == torch.float32:
-        _check_displacement(m_o, m_u, init, steps, "eval")
-    o_o.train()
-    o_u.train()
-    _check_params(m_o, m_u, init, steps, p_rtol, p_atol_scale, "train-after-eval")
+            _check_displacement(m_o, m_u, init, steps, "eval")
+        o_o.train()
+        o_u.train()
+        _check_params(m_o, m_u, init, steps, p_rtol, p_atol_scale, "train-after-eval")
+    finally:
+        DISP_REL = saved
     return o_o, o_u
 
 
@@ -246,9 +261,59 @@ ALL_FP32 = dict(SF_OPTIONS)
 ALL_FP32.update({k: dict(v, use_schedulefree=False) for k, v in PRODIGY_MODE_OPTIONS.items()})
 
 
+# Noise floor of the comparison.  Measured by running upstream 2.0.1 against *itself* with only the order of the
+# parameters inside each group reversed (i.e. only the fp32 summation order of the Prodigy sums changes), max over the
+# 30 steps.  For most options that floor is < 2e-7 on d, and the default tolerances above apply.  Without the d
+# limiter (or with d_coef=2, which lets d grow past the limiter's pace) d = d_coef*N/den every step, N is a sum with
+# cancellation, and each step's d feeds the next step's N: a 1.3e-7 summation-order difference at step 1 grows about
+# 1.5x per step.  Bias correction makes the early steps raw-gradient steps, with the same effect later on.
+#   config                          floor on d (upstream vs upstream-reordered)
+#   no_d_limiter                    1.9e-3
+#   d_coef2                         6.7e-5
+#   prodigy_mode_bias_correction    1.0e-5
+#   bias_correction                 2.1e-6
+# No implementation that sums in a different order than upstream can meet 1e-6 there, so for these configs the d,
+# parameter and displacement tolerances are 10x the measured floor (the parameter and displacement errors follow d).
+FLOOR_TOL = {
+    "no_d_limiter": 2e-2,
+    "d_coef2": 1e-3,
+    "prodigy_mode_bias_correction": 1e-4,
+    "bias_correction": 2e-5,
+}
+
+
 @pytest.mark.parametrize("name", list(ALL_FP32))
 def test_parity_fp32(name):
-    _run_parity(ALL_FP32[name], torch.float32)
+    tol = FLOOR_TOL.get(name)
+    if tol is None:
+        _run_parity(ALL_FP32[name], torch.float32)
+    else:
+        _run_parity(ALL_FP32[name], torch.float32, d_rel=tol, p_rtol=tol, disp_rel=tol)
+
+
+@pytest.mark.parametrize("use_schedulefree", [True, False], ids=["schedulefree", "prodigy_mode"])
+def test_parity_orthograd_near_parallel(use_schedulefree):
+    """OrthoGrad when the update is almost parallel to the weights (sin^2 of the angle 1e-6 .. 2e-4 here): a 1-D
+    weight near 2^-10 plus 1e-6 noise, gradients 1 + 1e-3 noise.  Computing |u'| directly from u' = u - a*w (as
+    ALGORITHM.md §4.7 / §5 say: |u'| after a second reduction round) is accurate to ~eps32/sin(angle) ~ 6e-5; the
+    re-implementation in prodigy_dist.reference matches upstream to 2.7e-5 of the displacement.  The algebraic
+    shortcut |u'|^2 = |u|^2 - 2a<w,u> + a^2|w|^2 cancels catastrophically here (error ~ eps32/sin^2 ~ 6%)."""
+    def run(cls):
+        g = torch.Generator().manual_seed(0)
+        p = nn.Parameter(torch.full((1000,), 2.0 ** -10) + torch.randn(1000, generator=g) * 1e-6)
+        x0 = p.detach().clone()
+        opt = cls([p], split_groups_mean=False, use_orthograd=True, use_schedulefree=use_schedulefree)
+        for _ in range(6):
+            p.grad = torch.ones_like(p) + torch.randn(1000, generator=g) * 1e-3
+            opt.step()
+        return p.detach() - x0, opt.param_groups[0]["d"]
+
+    from prodigy_dist import ProdigyPlusScheduleFree as Ours
+    du, d_up = run(Upstream)
+    do, d_ours = run(Ours)
+    assert math.isclose(d_ours, d_up, rel_tol=D_REL), (d_ours, d_up)
+    err = ((do - du).abs().max() / du.abs().max()).item()
+    assert err <= 1e-3, f"displacement after 6 steps differs by {err:.3e} of max|dp| (allowed 1e-3)"
 
 
 BF16_OPTIONS = {
@@ -261,10 +326,27 @@ BF16_OPTIONS = {
     "prodigy_mode": dict(use_schedulefree=False),
 }
 
-BF16_NOTE = """filled in after measurement"""
+# bf16 bound.  Upstream run against itself with only the fp32 summation order changed (in-group parameter order
+# reversed) is bitwise identical in bf16 in all these configs, at d0=1e-6 and at d0=1e-4, and d is equal.  So d keeps
+# the fp32 bound (rel 1e-6), and the weights get a small allowance for the odd rounding flip: every element within
+# 2 bf16 ulps of itself or of the tensor's largest |p| (rtol = atol/max|p| = 2^-7; a flip that happened while a
+# zero-initialised bias element was near the tensor's largest magnitude stays as the copies keep moving), and at most
+# 1% of all weights bitwise different.  The fp32 displacement check does not apply (one bf16 ulp is 2^-8 |p|, more
+# than the whole 30-step displacement of most weights).
 
 
 @pytest.mark.parametrize("name", list(BF16_OPTIONS))
 def test_parity_bf16(name):
     kw = dict(BF16_OPTIONS[name], stochastic_rounding=False)
+    _run_parity(kw, torch.bfloat16, d_rel=BF16_D_REL, p_rtol=BF16_P_RTOL, p_atol_scale=BF16_P_ATOL_SCALE)
+
+
+# bf16 with weights that actually move.  At d0=1e-6 bf16 round-to-nearest stalls: in 30 steps only ~200 of the
+# 12952 weights change at all and d never leaves d0, so test_parity_bf16 above is mostly a check of that stall.  With
+# d0=1e-4 all weights move and d grows ~25x.  Upstream run against itself with the in-group parameter order reversed
+# (fp32 summation order changed) stays *bitwise identical* here in every config above, so the same bf16 bound
+# (2 ulps, <= 1% of the weights bitwise different) is used.
+@pytest.mark.parametrize("name", ["defaults", "not_factored", "prodigy_mode"])
+def test_parity_bf16_moving(name):
+    kw = dict(BF16_OPTIONS[name], stochastic_rounding=False, d0=1e-4)
     _run_parity(kw, torch.bfloat16, d_rel=BF16_D_REL, p_rtol=BF16_P_RTOL, p_atol_scale=BF16_P_ATOL_SCALE)

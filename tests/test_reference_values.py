@@ -376,3 +376,19 @@ def test_a4e_incompatible_options_raise(opt_cls, kw):
     p = torch.nn.Parameter(torch.zeros(64, 64))
     with pytest.raises(ValueError):
         opt_cls([p], **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# OrthoGrad with the update exactly parallel to the weights (T1 setup: constant weights, constant gradient).
+# u' = u - a*w is then zero up to rounding; by §4.7 the result is u' * |u| / (|u'| + 1e-30), whose norm is at most
+# |u|, so the step stays O(dlr) whatever the rounding.  Upstream moves the weights by 5.2e-6 in 6 steps.
+# ---------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("use_schedulefree", [True, False], ids=["schedulefree", "prodigy_mode"])
+def test_orthograd_parallel_update_stays_bounded(opt_cls, use_schedulefree):
+    h, opt, p = _t1(opt_cls, 6, use_orthograd=True, use_schedulefree=use_schedulefree)
+    for i, rec in enumerate(h):
+        assert torch.isfinite(rec["y"]).all(), f"step {i + 1}: non-finite weights"
+        # |u| <= sqrt(10) per element after StableAdamW here and dlr <= 1.7e-6, so |p - x0| < 6 * 1.7e-6 * sqrt(10)
+        moved = (rec["y"] - X0).abs().max().item()
+        assert moved < 1e-4, f"step {i + 1}: weights moved by {moved:.3e} (a bounded step moves < 2e-5)"
