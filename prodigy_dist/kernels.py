@@ -33,6 +33,42 @@ DOT, ABS_S, L2SQ, GSQ = range(4)
 N_STATS = 4
 
 
+class ScratchPool:
+    """Persistent fp32 work buffers, reused tensor after tensor.
+
+    On a CPU, writing a freshly allocated large tensor costs page faults that take several times longer than the
+    arithmetic; reusing a few buffers the size of the largest parameter makes a step allocation-free.
+    """
+
+    def __init__(self):
+        self._buffers: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def take(self, slot: int, like: torch.Tensor) -> torch.Tensor:
+        """An fp32 tensor shaped like ``like`` backed by buffer ``slot`` (contents undefined)."""
+        key = (slot, like.device)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < like.numel():
+            buf = self._buffers[key] = torch.empty(like.numel(), dtype=torch.float32, device=like.device)
+        return buf[:like.numel()].view(like.shape)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * 4 for b in self._buffers.values())
+
+
+def _work(b: "Bucket", slot: int, like: torch.Tensor) -> torch.Tensor:
+    """A scratch fp32 tensor shaped like ``like`` (pooled when the bucket runs alone, else freshly allocated)."""
+    if b.scratch is not None:
+        return b.scratch.take(slot, like)
+    return torch.empty(like.shape, dtype=torch.float32, device=like.device)
+
+
+def _fp32(b: "Bucket", slot: int, t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if fp32, else an fp32 copy in scratch ``slot``."""
+    if t.dtype == torch.float32:
+        return t
+    return _work(b, slot, t).copy_(t)
+
+
 @dataclass
 class Bucket:
     """Parameters of one group and one kind, with everything phase A and B need."""
@@ -45,7 +81,9 @@ class Bucket:
     states: list[dict[str, Any]]
     layouts: list[ParamLayout]
     dims: list[tuple[int, int] | None]
+    positions: list[int] = field(default_factory=list)  # order of each parameter in the optimizer
     sr_seed: int = 0
+    scratch: ScratchPool | None = None  # only for a bucket of one tensor that runs start to finish alone
     # filled by statistics()
     row_parts: list[torch.Tensor] = field(default_factory=list)
     col_parts: list[torch.Tensor] = field(default_factory=list)
@@ -80,7 +118,9 @@ def statistics(b: Bucket) -> list[torch.Tensor]:
     b.row_parts, b.col_parts = [], []
     if b.kind == "factored":
         for g, (dr, dc), layout in zip(b.grads, b.dims, b.layouts):
-            row, col = _sq_norm(g, dr), _sq_norm(g, dc)
+            sq = _fp32(b, 0, g)
+            sq = torch.square(sq, out=_work(b, 0, g))
+            row, col = sq.sum(dim=dr, keepdim=True), sq.sum(dim=dc, keepdim=True)
             b.row_parts.append(row)
             b.col_parts.append(col)
             gsq.append(row.sum())
@@ -113,13 +153,19 @@ def statistics(b: Bucket) -> list[torch.Tensor]:
 
 # ------------------------------------------------------------------------------------------ phase B
 def _factored_sqrt(r: torch.Tensor, c: torch.Tensor, dc: int, layout: ParamLayout,
-                   eps_term: float | None) -> torch.Tensor:
+                   eps_term: float | None, out: torch.Tensor | None = None) -> torch.Tensor:
     """sqrt(R / mean_dc(R) * C) (+ eps_term): the Adafactor estimate of sqrt(v) for every shape (A4)."""
     # R is reduced over dr, so it is complete along dc unless dc is the sharded dim 0; there the mean needs the
     # global sum (the sharded layouts of the FSDP2 issue provide it through the reducer).
     mean = r.sum(dim=dc, keepdim=True).div_(layout.global_shape[dc]).add_(1e-30)
-    out = torch.mul(r / mean, c).sqrt_()
+    out = torch.mul(r / mean, c, out=out) if out is not None else torch.mul(r / mean, c)
+    out.sqrt_()
     return out.add_(eps_term) if eps_term is not None else out
+
+
+def layout_shape(r: torch.Tensor, c: torch.Tensor) -> torch.Size:
+    """Local shape of the tensor whose factored statistics are r and c."""
+    return torch.broadcast_shapes(r.shape, c.shape)
 
 
 def _second_moment(b: Bucket, gs, ws, beta2: float, d: float, eps_term: float | None) -> list[torch.Tensor]:
@@ -135,8 +181,9 @@ def _second_moment(b: Bucket, gs, ws, beta2: float, d: float, eps_term: float | 
             shape = layout.global_shape
             r.mul_(beta2).add_(row.mul_(1.0 / shape[dr]), alpha=(1 - beta2) * d * d)
             c.mul_(beta2).add_(col.mul_(1.0 / shape[dc]), alpha=(1 - beta2) * d * d)
-            if not adopt:
-                out.append(_factored_sqrt(r, c, dc, layout, eps_term))
+            if not adopt:  # into scratch 0 when the state is fp32 (the update is then built in place there)
+                buf = _work(b, 0, r.expand(layout_shape(r, c))) if r.dtype == torch.float32 else None
+                out.append(_factored_sqrt(r, c, dc, layout, eps_term, buf))
         return out
     vs = [st["exp_avg_sq"] for st in b.states]
     before = _full_denominators(vs, group, eps_term) if adopt else None
@@ -197,9 +244,9 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
     d, beta1, beta2 = sc["d"], sc["beta1"], sc["beta2"]
     n = len(b.params)
     numels = [lay.global_numel for lay in b.layouts]
-    gs = [g.float() for g in b.grads]  # fp32 views of fp32 grads: never modified in place below
-    ys = [p.float() for p in b.params]
-    zs = [st["z"].float() for st in b.states] if sf else None
+    gs = [_fp32(b, 1, g) for g in b.grads]  # fp32 grads themselves: never modified in place below
+    ys = [_fp32(b, 2, p) for p in b.params]
+    zs = [_fp32(b, 3, st["z"]) for st in b.states] if sf else None
     ws = zs if sf else ys
     plain = group["eps"] is not None and not group["use_focus"]
     eps_term = d * group["eps"] if plain else None
@@ -215,8 +262,8 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
         elif b.kind == "muon":
             us = [muon_direction(g) for g in gs]
         elif plain:  # u = d g / (denom + d eps), written into the denominator's buffer
-            us = [torch.div(g * d, den, out=den) if den.dtype == torch.float32 else g * d / den
-                  for g, den in zip(gs, denoms)]
+            us = [torch.div(torch.mul(g, d, out=_work(b, 4, g)), den, out=den) if den.dtype == torch.float32
+                  else g * d / den for g, den in zip(gs, denoms)]
         else:
             us = _normalise(torch._foreach_mul(gs, d), denoms, ws, group)
     else:
@@ -320,7 +367,8 @@ def _schedulefree_update(b: Bucket, ys, zs, us, dlr: float, lam: float, numels: 
 def _write_back(b: Bucket, ys, zs) -> None:
     stochastic, step = b.group["stochastic_rounding"], b.sc["k"]
     for i, (p, layout) in enumerate(zip(b.params, b.layouts)):
-        write_back_(p, ys[i], stochastic, flat_offset=layout.flat_offset, seed=b.sr_seed, step=step, stream=0)
+        write_back_(p, ys[i], stochastic, flat_offset=layout.flat_offset, seed=b.sr_seed, step=step, stream=0,
+                    work=_work(b, 0, p) if b.scratch is not None else None)
         if zs is not None:
             write_back_(b.states[i]["z"], zs[i], stochastic, flat_offset=layout.flat_offset, seed=b.sr_seed,
-                        step=step, stream=1)
+                        step=step, stream=1, work=_work(b, 0, p) if b.scratch is not None else None)

@@ -19,13 +19,16 @@ from typing import Any, Callable
 
 import torch
 
-from .kernels import ABS_S, DOT, GSQ, L2SQ, Bucket, statistics, update
+from .kernels import ABS_S, DOT, GSQ, L2SQ, Bucket, ScratchPool, statistics, update
 from .layout import ParamLayout, factored_dims, single_process_layout
 from .options import DEFAULTS, GLOBAL_OPTIONS, NONFINITE_POLICIES, log_precedence_rules, validate_group
 from .reduction import Reducer
 from .scalars import harmonic_mean, speed_beta, step_scalars, update_d
 
 logger = logging.getLogger(__name__)
+
+#: Tensors with at least this many local elements are stepped one at a time in reusable scratch buffers.
+LARGE_TENSOR = 1 << 16
 
 _D_KEYS = ("d", "d_prev", "d_numerator", "d_denom", "prev_d_numerator", "max_d_numerator")
 
@@ -70,6 +73,7 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
         self.nonfinite_grads = nonfinite_grads
         self.sr_seed = sr_seed
         self._reducer = Reducer(None)
+        self._scratch = ScratchPool()
         self._layouts: dict[int, ParamLayout] = {}
         self._fused = _FusedStepState()
         super().__init__(params, defaults)
@@ -231,22 +235,29 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
         return loss
 
     def _buckets(self, items: list[tuple[int, torch.Tensor]], scalars: list[dict]) -> list[Bucket]:
+        """Group the parameters by (group, kind, dtype, device); a large tensor gets a bucket of its own, which
+        (when its phase B runs alone) works in the reusable scratch buffers instead of fresh allocations."""
         keyed: dict[tuple, Bucket] = {}
+        alone = not self._reducer.active
+        order = _param_order(self)
         for gi, p in items:
             group = self.param_groups[gi]
             state = self._init_param_state(p, group)
             kind, dims = self._kind(p, group)
             local = self._local(p)
-            key = (gi, kind, local.dtype, local.device)
+            large = local.numel() >= LARGE_TENSOR
+            key = (gi, kind, local.dtype, local.device) + ((id(p),) if large else ())
             b = keyed.get(key)
             if b is None:
                 b = keyed[key] = Bucket(group=group, sc=scalars[gi], kind=kind, params=[], grads=[], states=[],
-                                        layouts=[], dims=[], sr_seed=self.sr_seed)
+                                        layouts=[], dims=[], sr_seed=self.sr_seed,
+                                        scratch=self._scratch if large and alone else None)
             b.params.append(local)
             b.grads.append(self._local(p.grad))
             b.states.append(state)
             b.layouts.append(self._layout(p))
             b.dims.append(dims)
+            b.positions.append(order[id(p)][1])
         return list(keyed.values())
 
     def _run_step(self, items: list[tuple[int, torch.Tensor]]) -> None:
@@ -335,9 +346,13 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
                 s_dtype = b.states[0]["s"].dtype
                 den_t[sl] = rows[sl, ABS_S].to(s_dtype).float()  # sum|s| rounded to s's dtype per tensor
                 num_t[sl] = delta * rows[sl, DOT]
-        acc_index = torch.tensor(acc, dtype=torch.long, device=device)
-        num = torch.zeros(n_acc, dtype=torch.float32, device=device).index_add_(0, acc_index, num_t)
-        den = torch.zeros(n_acc, dtype=torch.float32, device=device).index_add_(0, acc_index, den_t)
+        # Sum in parameter order, whatever the bucketing or the order the hooks ran in.
+        positions = [pos for b in buckets for pos in b.positions]
+        perm = sorted(range(len(positions)), key=positions.__getitem__)
+        perm_t = torch.tensor(perm, dtype=torch.long, device=device)
+        acc_index = torch.tensor([acc[i] for i in perm], dtype=torch.long, device=device)
+        num = torch.zeros(n_acc, dtype=torch.float32, device=device).index_add_(0, acc_index, num_t[perm_t])
+        den = torch.zeros(n_acc, dtype=torch.float32, device=device).index_add_(0, acc_index, den_t[perm_t])
         checks = torch.stack([rows[:, GSQ].sum(), rows.sum() + num.sum() + den.sum()])
         host = torch.cat([num, den, checks]).tolist()  # the one host synchronisation of the step
         grads_finite, stats_finite = math.isfinite(host[-2]), math.isfinite(host[-1])

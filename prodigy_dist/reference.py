@@ -113,9 +113,8 @@ class ReferenceProdigyPlusScheduleFree(torch.optim.Optimizer):
             state["exp_avg_sq"].mul_(beta2).add_(w, alpha=(1 - beta2) * d * d)
         elif "exp_avg_sq_row" in state:
             dr, dc = factored_dims(tuple(p.shape), True)
-            # mean of g^2 along a dim, as a sum of squares (a squared norm) over the dim's size
-            row_mean_sq = torch.linalg.vector_norm(g, dim=dr, keepdim=True).square() * (1 / p.shape[dr])
-            col_mean_sq = torch.linalg.vector_norm(g, dim=dc, keepdim=True).square() * (1 / p.shape[dc])
+            row_mean_sq = (g * g).sum(dim=dr, keepdim=True) * (1 / p.shape[dr])  # mean of g^2 along dr
+            col_mean_sq = (g * g).sum(dim=dc, keepdim=True) * (1 / p.shape[dc])
             state["exp_avg_sq_row"].mul_(beta2).add_(row_mean_sq, alpha=(1 - beta2) * d * d)
             state["exp_avg_sq_col"].mul_(beta2).add_(col_mean_sq, alpha=(1 - beta2) * d * d)
         elif "exp_avg_sq" in state:

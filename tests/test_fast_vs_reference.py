@@ -169,3 +169,38 @@ def test_fused_back_pass_without_hooks_is_an_error():
     p.grad = torch.ones(4)
     with pytest.raises(RuntimeError, match="fused_backward.attach"):
         opt.step()
+
+
+class LargeModel(torch.nn.Module):
+    """Tensors large enough (>= 65536 elements) for the fast path's scratch-buffer route, tall and wide."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(96, 800)  # (800, 96): tall, 76800 elements
+        self.down = torch.nn.Linear(800, 96)  # (96, 800): wide
+        self.out = torch.nn.Linear(96, 4)
+
+    def forward(self, x):
+        return self.out(self.down(torch.relu(self.up(x))))
+
+
+@pytest.mark.parametrize("options", [{}, dict(use_schedulefree=False), dict(weight_decay=0.1, use_cautious=True),
+                                     dict(eps=None), dict(factored=False), dict(use_adopt=True)])
+@pytest.mark.parametrize("dtype,stochastic", [(torch.float32, False), (torch.bfloat16, False),
+                                              (torch.bfloat16, True)])
+def test_fast_equals_reference_large_tensors(options, dtype, stochastic):
+    torch.manual_seed(0)
+    ma = LargeModel().to(dtype)
+    mb = copy.deepcopy(ma)
+    fast = ProdigyPlusScheduleFree(ma.parameters(), stochastic_rounding=stochastic, **options)
+    ref = ReferenceProdigyPlusScheduleFree(mb.parameters(), stochastic_rounding=stochastic, **options)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(8):
+        x, t = torch.randn(32, 96, generator=gen).to(dtype), torch.randn(32, 4, generator=gen)
+        for model, opt in ((ma, fast), (mb, ref)):
+            opt.zero_grad()
+            ((model(x).float() - t) ** 2).mean().backward()
+            opt.step()
+    assert fast.param_groups[0]["d"] == ref.param_groups[0]["d"]
+    assert max_rel_diff(ma, mb) == 0.0
+    assert fast._scratch.nbytes() > 0  # the large tensors went through the scratch buffers
