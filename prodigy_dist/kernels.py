@@ -75,7 +75,8 @@ class Bucket:
 
     group: dict[str, Any]
     sc: dict[str, Any]  # step scalars of the group (scalars.step_scalars)
-    kind: str  # "factored" | "full" | "muon"
+    kind: str  # "factored" | "full" (second moment)
+    muon: bool  # orthogonalised update (use_muon_pp, ndim >= 2)
     params: list[torch.Tensor]  # local storage tensors of the parameters
     grads: list[torch.Tensor]  # local gradients, original dtype (never modified)
     states: list[dict[str, Any]]
@@ -255,12 +256,11 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
         _second_moment(b, gs, ws, 0.0, d, eps_term)
         return
 
-    denoms = _second_moment(b, gs, ws, beta2, d, eps_term) if b.kind != "muon" else [None] * n
+    denoms = _second_moment(b, gs, ws, beta2, d, eps_term)
+    sources = gs  # what Muon orthogonalises
     if sf:
         if sc["raw_update"]:
             us = [g.clone() for g in gs]
-        elif b.kind == "muon":
-            us = [muon_direction(g) for g in gs]
         elif plain:  # u = d g / (denom + d eps), written into the denominator's buffer
             us = [torch.div(torch.mul(g, d, out=_work(b, 4, g)), den, out=den) if den.dtype == torch.float32
                   else g * d / den for g, den in zip(gs, denoms)]
@@ -291,7 +291,15 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
             for u, gd in zip(us, guide):
                 u.abs_().mul_(torch.sign(gd))
         if not group["use_adopt"]:
-            us = [muon_direction(u) for u in us] if b.kind == "muon" else _normalise(us, denoms, ws, group)
+            sources = [u.clone() for u in us] if b.muon else None
+            us = _normalise(us, denoms, ws, group)
+
+    if b.muon and not sc["raw_update"]:
+        # Muon: the orthogonalised direction with the RMS of the Adam-path update it replaces (docs/MUON.md).
+        adam_sq = torch.stack([_sq_norm(u) for u in us])
+        yield [adam_sq]
+        rms = (adam_sq / torch.tensor(numels, dtype=torch.float32, device=adam_sq.device)).sqrt()
+        us = [muon_direction(src).mul_(r) for src, r in zip(sources, rms)]
 
     # OrthoGrad: two rounds of per-tensor sums (|u - a w| is only known after a); StableAdamW: one round, or none
     # after OrthoGrad, whose sums give the RMS of its result.

@@ -2,9 +2,8 @@
 
 For a parameter with ndim >= 2, the gradient (Schedule-Free) or the first moment (Prodigy mode) is viewed as a
 ``(shape[0], -1)`` matrix G and orthogonalised with a quintic Newton-Schulz iteration, X ~ U V^T from G = U S V^T.
-The direction is then scaled to unit RMS, u = X * sqrt(numel) / ||X||_F, so that it has the scale of a normalised
-Adam update and Prodigy's d (estimated from the raw gradients) and the Schedule-Free averaging behave as on the
-Adam path. Operates on plain local tensors.
+The kernels then give the direction the RMS of the Adam-path update it replaces, so Prodigy's d and the
+Schedule-Free averaging see updates of the same size as on the Adam path. Operates on plain local tensors.
 """
 
 from __future__ import annotations

@@ -123,10 +123,11 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
 
     def _kind(self, p: torch.Tensor, group: dict[str, Any]) -> tuple[str, tuple[int, int] | None]:
         layout = self._layout(p)
-        if group["use_muon_pp"] and len(layout.global_shape) >= 2:
-            return "muon", None
         dims = factored_dims(layout.global_shape, group["factored"] and not group["use_focus"])
         return ("factored", dims) if dims is not None else ("full", None)
+
+    def _muon(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        return group["use_muon_pp"] and len(self._layout(p).global_shape) >= 2
 
     @torch.no_grad()
     def _init_param_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
@@ -246,10 +247,12 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
             kind, dims = self._kind(p, group)
             local = self._local(p)
             large = local.numel() >= LARGE_TENSOR
-            key = (gi, kind, local.dtype, local.device) + ((id(p),) if large else ())
+            muon = self._muon(p, group)
+            key = (gi, kind, muon, local.dtype, local.device) + ((id(p),) if large else ())
             b = keyed.get(key)
             if b is None:
-                b = keyed[key] = Bucket(group=group, sc=scalars[gi], kind=kind, params=[], grads=[], states=[],
+                b = keyed[key] = Bucket(group=group, sc=scalars[gi], kind=kind, muon=muon, params=[], grads=[],
+                                        states=[],
                                         layouts=[], dims=[], sr_seed=self.sr_seed,
                                         scratch=self._scratch if large and alone else None)
             b.params.append(local)

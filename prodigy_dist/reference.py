@@ -69,11 +69,8 @@ class ReferenceProdigyPlusScheduleFree(torch.optim.Optimizer):
         if state:
             return state
         stat_dtype = torch.bfloat16 if p.dtype == torch.float32 else p.dtype
-        muon = group["use_muon_pp"] and p.dim() >= 2
-        dims = None if muon else factored_dims(tuple(p.shape), group["factored"] and not group["use_focus"])
-        if muon:
-            pass  # Muon keeps no second moment
-        elif dims is not None:
+        dims = factored_dims(tuple(p.shape), group["factored"] and not group["use_focus"])
+        if dims is not None:
             dr, dc = dims
             fdtype = torch.float32 if group["factored_fp32"] else p.dtype
             row_shape, col_shape = list(p.shape), list(p.shape)
@@ -178,20 +175,19 @@ class ReferenceProdigyPlusScheduleFree(torch.optim.Optimizer):
             return False
 
         denom = None
-        if not muon:
-            if group["use_adopt"]:
-                denom = self._denominator(state, p, group)  # the second moment lags one step
-            self._update_second_moment(state, p, g, w, d, beta2, group)
-            if denom is None:
-                denom = self._denominator(state, p, group)
+        if group["use_adopt"]:
+            denom = self._denominator(state, p, group)  # the second moment lags one step
+        self._update_second_moment(state, p, g, w, d, beta2, group)
+        if denom is None:
+            denom = self._denominator(state, p, group)
 
         if sf:
             if sc["raw_update"]:
                 u = g.clone()
-            elif muon:
-                u = muon_direction(g)
             else:
                 u = self._normalise(d * g, denom, w, d, group)
+                if muon:  # Muon: the orthogonalised gradient, with the RMS of the Adam-path update
+                    u = muon_direction(g) * (torch.linalg.vector_norm(u).square() / u.numel()).sqrt()
         else:
             m = state["exp_avg"]
             if group["use_adopt"]:
@@ -212,7 +208,9 @@ class ReferenceProdigyPlusScheduleFree(torch.optim.Optimizer):
                     mf = mf * self._cautious_mask(g * mf)
                 elif group["use_grams"]:
                     mf = torch.sign(g) * mf.abs()
-                u = muon_direction(mf) if muon else self._normalise(mf, denom, w, d, group)
+                u = self._normalise(mf, denom, w, d, group)
+                if muon:
+                    u = muon_direction(mf) * (torch.linalg.vector_norm(u).square() / u.numel()).sqrt()
 
         if group["use_orthograd"]:
             u = self._orthograd(w, u)
