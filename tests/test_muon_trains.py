@@ -30,5 +30,5 @@ def test_muon_trains_at_least_as_well_as_default():
 
 def test_quickstart_example_runs():
     q = _quickstart()
-    result = q.train(30, 32, log_every=10)
-    assert result["test_loss"] < 4.0 and result["d/0"] > 1e-6
+    result = q.train(100, 64, log_every=50)
+    assert result["test_loss"] < 3.2 and result["d/0"] > 1e-4
