@@ -82,9 +82,14 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
             logger.debug("a single parameter group: split_groups has no effect")
         for group in self.param_groups:
             group["split_groups"] = split
+        self._constructed = True
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        unknown = set(param_group) - set(DEFAULTS) - {"params", "name", "param_names"}
+        if unknown:
+            raise TypeError(f"Unknown options in a param group: {sorted(unknown)}")
+        validate_group({**self.defaults, **param_group})  # before the group joins the optimizer
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         index = len(self.param_groups) - 1
@@ -100,13 +105,13 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
                                weight_sum=0.0, effective_lr=group["lr"], dlr=group["d0"] * group["lr"],
                                skipped_steps=0).items():
             group.setdefault(key, value)
-        if index > 0:
-            # Joining groups after construction: adopt the optimizer-wide counters and mode.
+        if getattr(self, "_constructed", False):
+            # A group added after construction joins the optimizer-wide counters, mode and (unsplit) d.
             first = self.param_groups[0]
-            group["split_groups"] = first.get("split_groups", True) and first.get("split_groups_orig", True)
+            group["split_groups"] = first["split_groups"]
             group["k"], group["train_mode"], group["skipped_steps"] = first["k"], first["train_mode"], \
                 first["skipped_steps"]
-            if not first["split_groups"] and "split_groups" in first:
+            if not first["split_groups"]:
                 for key in _D_KEYS:
                     group[key] = first[key]
 

@@ -289,3 +289,20 @@ def test_parameters_without_grad_are_left_alone_and_counter_advances():
     opt.zero_grad()
     opt.step()  # no gradients at all: the step counter still advances, nothing moves
     assert opt.param_groups[0]["k"] == 5
+
+
+def test_add_param_group_after_construction_joins_the_step_counter():
+    torch.manual_seed(0)
+    model = MixedModel()
+    opt = ProdigyPlusScheduleFree([p for p in model.parameters() if p.dim() >= 2])
+    _run(model, opt, 2)
+    opt.add_param_group({"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.01})
+    assert opt.param_groups[1]["k"] == opt.param_groups[0]["k"] == 3
+    assert opt.param_groups[1]["d"] == opt.param_groups[0]["d"]  # one group at construction: d is shared
+    _run(model, opt, 2, start=2)
+    assert opt.param_groups[1]["d"] == opt.param_groups[0]["d"] and opt.param_groups[1]["k"] == 5
+    with pytest.raises(ValueError, match="weight_decay"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))], "weight_decay": -1.0})
+    with pytest.raises(TypeError, match="weight_decey"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))], "weight_decey": 0.1})
+    assert len(opt.param_groups) == 2  # the rejected groups did not join
