@@ -115,6 +115,19 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
                 for key in _D_KEYS:
                     group[key] = first[key]
 
+    def _param_order(self) -> dict[int, tuple[int, int]]:
+        """id(param) -> (group index, position over all groups); cached until the groups change."""
+        key = tuple(len(g["params"]) for g in self.param_groups)
+        cached = getattr(self, "_order_cache", None)
+        if cached is None or cached[0] != key:
+            order, pos = {}, 0
+            for gi, g in enumerate(self.param_groups):
+                for p in g["params"]:
+                    order[id(p)] = (gi, pos)
+                    pos += 1
+            self._order_cache = cached = (key, order)
+        return cached[1]
+
     # ------------------------------------------------------------------ layout & state
     def _local(self, t: torch.Tensor) -> torch.Tensor:
         """The local piece of a parameter, gradient or state tensor (the FSDP2 issue adds DTensor support)."""
@@ -245,7 +258,7 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
         (when its phase B runs alone) works in the reusable scratch buffers instead of fresh allocations."""
         keyed: dict[tuple, Bucket] = {}
         alone = not self._reducer.active
-        order = _param_order(self)
+        order = self._param_order()
         for gi, p in items:
             group = self.param_groups[gi]
             state = self._init_param_state(p, group)
@@ -471,7 +484,7 @@ class _FusedStepState:
         if self.scalars is None:
             opt._check_train_mode()
             self.scalars = [step_scalars(g) for g in opt.param_groups]
-        order = _param_order(opt)
+        order = opt._param_order()
         gi = order[id(p)][0] if group is None else next(i for i, g in enumerate(opt.param_groups) if g is group)
         (b,) = opt._buckets([(gi, p)], self.scalars)
         for t in statistics(b):
@@ -508,13 +521,3 @@ class _FusedStepState:
                          "gradient; d and the step counter were left untouched")
             return
         opt._end_step(scalars, sums, stepped={id(b.group) for b in buckets if not b.sc["adopt_first"]})
-
-
-def _param_order(opt: ProdigyPlusScheduleFree) -> dict[int, tuple[int, int]]:
-    """id(param) -> (group index, position over all groups)."""
-    order, pos = {}, 0
-    for gi, g in enumerate(opt.param_groups):
-        for p in g["params"]:
-            order[id(p)] = (gi, pos)
-            pos += 1
-    return order
