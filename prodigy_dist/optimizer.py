@@ -254,8 +254,8 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
         return loss
 
     def _buckets(self, items: list[tuple[int, torch.Tensor]], scalars: list[dict]) -> list[Bucket]:
-        """Group the parameters by (group, kind, dtype, device); a large tensor gets a bucket of its own, which
-        (when its phase B runs alone) works in the reusable scratch buffers instead of fresh allocations."""
+        """Group the parameters by (group, kind, Muon, dtype, device). On one process a large tensor gets a bucket
+        of its own, which works in the reusable scratch buffers instead of fresh allocations."""
         keyed: dict[tuple, Bucket] = {}
         alone = not self._reducer.active
         order = self._param_order()
@@ -264,15 +264,16 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
             state = self._init_param_state(p, group)
             kind, dims = self._kind(p, group)
             local = self._local(p)
-            large = local.numel() >= LARGE_TENSOR
             muon = self._muon(p, group)
-            key = (gi, kind, muon, local.dtype, local.device) + ((id(p),) if large else ())
+            # Only when stepping alone: under a reducer every rank must form the same buckets, and the local
+            # sizes of sharded pieces differ between ranks.
+            alone_large = alone and local.numel() >= LARGE_TENSOR
+            key = (gi, kind, muon, local.dtype, local.device) + ((id(p),) if alone_large else ())
             b = keyed.get(key)
             if b is None:
                 b = keyed[key] = Bucket(group=group, sc=scalars[gi], kind=kind, muon=muon, params=[], grads=[],
-                                        states=[],
-                                        layouts=[], dims=[], sr_seed=self.sr_seed,
-                                        scratch=self._scratch if large and alone else None)
+                                        states=[], layouts=[], dims=[], sr_seed=self.sr_seed,
+                                        scratch=self._scratch if alone_large else None)
             b.params.append(local)
             b.grads.append(self._local(p.grad))
             b.states.append(state)
