@@ -324,6 +324,8 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
                     running.append(gen)
                 except StopIteration:
                     pass
+            if not running:
+                break
             self._reducer.flush()
             gens = running
 
