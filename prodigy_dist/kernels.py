@@ -87,6 +87,7 @@ class Bucket:
     scratch: ScratchPool | None = None  # only for a bucket of one tensor that runs start to finish alone
     # filled by statistics()
     row_parts: list[torch.Tensor] = field(default_factory=list)
+    r_sums: dict[int, torch.Tensor] = field(default_factory=dict)  # global sums of R along a sharded dc
     col_parts: list[torch.Tensor] = field(default_factory=list)
     s_new: list[torch.Tensor | None] = field(default_factory=list)
     stats: torch.Tensor | None = None
@@ -118,7 +119,8 @@ def statistics(b: Bucket) -> list[torch.Tensor]:
     gsq: list[torch.Tensor] = []
     b.row_parts, b.col_parts = [], []
     if b.kind == "factored":
-        for g, (dr, dc), layout in zip(b.grads, b.dims, b.layouts):
+        b.r_sums = {}
+        for g, (dr, dc), layout, st in zip(b.grads, b.dims, b.layouts, b.states):
             sq = _fp32(b, 0, g)
             sq = torch.square(sq, out=_work(b, 0, g))
             row, col = sq.sum(dim=dr, keepdim=True), sq.sum(dim=dc, keepdim=True)
@@ -129,6 +131,14 @@ def statistics(b: Bucket) -> list[torch.Tensor]:
                 to_reduce.append(row)
             if layout.sharded and dc == 0:
                 to_reduce.append(col)
+                # R is sharded along dc: the mean of R over dc needs the global sum, of R before this step's
+                # EMA (ADOPT) and after it (the same operations as phase B, out of place)
+                r = st["exp_avg_sq_row"]
+                d, beta2 = b.sc["d"], b.sc["beta2"]
+                r_new = (r * beta2).add_(row * (1.0 / layout.global_shape[dr]), alpha=(1 - beta2) * d * d)
+                sums = torch.cat([r.sum(dim=dc, keepdim=True), r_new.sum(dim=dc, keepdim=True)])
+                b.r_sums[len(b.row_parts) - 1] = sums
+                to_reduce.append(sums)
     else:
         gsq = [t.square() for t in torch._foreach_norm(b.grads, dtype=torch.float32)]
     stats[:, GSQ] = torch.stack(gsq)
@@ -154,11 +164,14 @@ def statistics(b: Bucket) -> list[torch.Tensor]:
 
 # ------------------------------------------------------------------------------------------ phase B
 def _factored_sqrt(r: torch.Tensor, c: torch.Tensor, dc: int, layout: ParamLayout,
-                   eps_term: float | None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """sqrt(R / mean_dc(R) * C) (+ eps_term): the Adafactor estimate of sqrt(v) for every shape (A4)."""
-    # R is reduced over dr, so it is complete along dc unless dc is the sharded dim 0; there the mean needs the
-    # global sum (the sharded layouts of the FSDP2 issue provide it through the reducer).
-    mean = r.sum(dim=dc, keepdim=True).div_(layout.global_shape[dc]).add_(1e-30)
+                   eps_term: float | None, out: torch.Tensor | None = None,
+                   r_sum: torch.Tensor | None = None) -> torch.Tensor:
+    """sqrt(R / mean_dc(R) * C) (+ eps_term): the Adafactor estimate of sqrt(v) for every shape (A4).
+
+    ``r_sum``: the global sum of R over dc when dc is sharded (from phase A's reduction); else summed here.
+    """
+    total = r_sum if r_sum is not None else r.sum(dim=dc, keepdim=True)
+    mean = total.div(layout.global_shape[dc]).add_(1e-30)
     out = torch.mul(r / mean, c, out=out) if out is not None else torch.mul(r / mean, c)
     out.sqrt_()
     return out.add_(eps_term) if eps_term is not None else out
@@ -175,16 +188,19 @@ def _second_moment(b: Bucket, gs, ws, beta2: float, d: float, eps_term: float | 
     adopt = group["use_adopt"]
     if b.kind == "factored":
         out = []
-        for st, row, col, (dr, dc), layout in zip(b.states, b.row_parts, b.col_parts, b.dims, b.layouts):
+        for i, (st, row, col, (dr, dc), layout) in enumerate(zip(b.states, b.row_parts, b.col_parts, b.dims,
+                                                                 b.layouts)):
             r, c = st["exp_avg_sq_row"], st["exp_avg_sq_col"]
+            sums = b.r_sums.get(i)
+            before, after = (sums[0:1], sums[1:2]) if sums is not None else (None, None)
             if adopt:
-                out.append(_factored_sqrt(r, c, dc, layout, eps_term))
+                out.append(_factored_sqrt(r, c, dc, layout, eps_term, r_sum=before))
             shape = layout.global_shape
             r.mul_(beta2).add_(row.mul_(1.0 / shape[dr]), alpha=(1 - beta2) * d * d)
             c.mul_(beta2).add_(col.mul_(1.0 / shape[dc]), alpha=(1 - beta2) * d * d)
             if not adopt:  # into scratch 0 when the state is fp32 (the update is then built in place there)
                 buf = _work(b, 0, r.expand(layout_shape(r, c))) if r.dtype == torch.float32 else None
-                out.append(_factored_sqrt(r, c, dc, layout, eps_term, buf))
+                out.append(_factored_sqrt(r, c, dc, layout, eps_term, buf, r_sum=after))
         return out
     vs = [st["exp_avg_sq"] for st in b.states]
     before = _full_denominators(vs, group, eps_term) if adopt else None

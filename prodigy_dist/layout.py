@@ -80,3 +80,26 @@ def factored_dims(global_shape: tuple[int, ...], factored: bool) -> tuple[int, i
         return None
     order = sorted((s, i) for i, s in enumerate(global_shape))
     return order[-1][1], order[-2][1]
+
+
+def dtensor_layout(p: Any) -> ParamLayout:
+    """Layout of a DTensor parameter: FSDP2 ``Shard(0)`` on a 1-D mesh, or ``(Replicate(), Shard(0))`` (HSDP),
+    where the pieces are combined over the shard dim's group; fully replicated DTensors need no combining."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh, placements = p.device_mesh, p.placements
+    shard_dims = [i for i, pl in enumerate(placements) if isinstance(pl, Shard)]
+    if any(not isinstance(pl, (Shard, Replicate)) for pl in placements) or \
+            any(placements[i].dim != 0 for i in shard_dims) or len(shard_dims) > 1:
+        raise NotImplementedError(f"ProdigyPlusScheduleFree supports DTensor parameters sharded on dim 0 over one "
+                                  f"mesh dim (FSDP2, HSDP); got placements {placements}")
+    shape = tuple(p.shape)
+    if not shard_dims:
+        return ParamLayout(global_shape=shape, row_offset=0, local_rows=shape[0] if shape else None)
+    mesh_dim = shard_dims[0]
+    world = mesh.size(mesh_dim)
+    rank = mesh.get_local_rank(mesh_dim)
+    chunk = -(-shape[0] // world)  # torch.chunk: ceil(rows / world) rows per rank, the tail gets less or none
+    start = min(rank * chunk, shape[0])
+    rows = max(0, min(chunk, shape[0] - start))
+    return ParamLayout(global_shape=shape, row_offset=start, local_rows=rows, group=mesh.get_group(mesh_dim))

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from .kernels import ABS_S, DOT, GSQ, L2SQ, Bucket, ScratchPool, statistics, update
-from .layout import ParamLayout, factored_dims, single_process_layout
+from .layout import ParamLayout, dtensor_layout, factored_dims, single_process_layout
 from .options import DEFAULTS, GLOBAL_OPTIONS, NONFINITE_POLICIES, log_precedence_rules, validate_group
 from .reduction import Reducer
 from .scalars import harmonic_mean, speed_beta, step_scalars, update_d
@@ -82,6 +82,8 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
             logger.debug("a single parameter group: split_groups has no effect")
         for group in self.param_groups:
             group["split_groups"] = split
+            for p in group["params"]:
+                self._layout(p)  # sharded parameters attach the reducer to their process group
         self._constructed = True
 
     # ------------------------------------------------------------------ groups
@@ -130,14 +132,23 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ layout & state
     def _local(self, t: torch.Tensor) -> torch.Tensor:
-        """The local piece of a parameter, gradient or state tensor (the FSDP2 issue adds DTensor support)."""
-        return t
+        """The local piece of a parameter, gradient or state tensor (a DTensor's local shard, zero-copy)."""
+        return t.to_local() if _is_dtensor(t) else t
 
     def _layout(self, p: torch.Tensor) -> ParamLayout:
         layout = self._layouts.get(id(p))
         if layout is None:
-            layout = self._layouts[id(p)] = single_process_layout(p)
+            layout = self._layouts[id(p)] = dtensor_layout(p) if _is_dtensor(p) else single_process_layout(p)
+            if layout.sharded:
+                self._use_group(layout.group)
         return layout
+
+    def _use_group(self, group: Any) -> None:
+        if self._reducer.group is None:
+            self._reducer = Reducer(group)
+        elif self._reducer.group is not group:
+            raise RuntimeError("ProdigyPlusScheduleFree: parameters are sharded over different process groups; "
+                               "build one optimizer per mesh")
 
     def _kind(self, p: torch.Tensor, group: dict[str, Any]) -> tuple[str, tuple[int, int] | None]:
         layout = self._layout(p)
@@ -463,6 +474,10 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         self._fused.finish(self)
         return super().state_dict()
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
 
 
 class _FusedStepState:
