@@ -141,6 +141,14 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
             layout = self._layouts[id(p)] = dtensor_layout(p) if _is_dtensor(p) else single_process_layout(p)
             if layout.sharded:
                 self._use_group(layout.group)
+                group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
+                if group is not None and group["use_muon_pp"] and len(layout.global_shape) >= 2:
+                    raise NotImplementedError("use_muon_pp with sharded (FSDP2) matrices is not supported yet: "
+                                              "Newton-Schulz needs the whole matrix. Put the sharded matrices in a "
+                                              "group with use_muon_pp=False")
+                if group is not None and group["fused_back_pass"]:
+                    raise NotImplementedError("fused_back_pass with sharded (FSDP2) parameters is not supported "
+                                              "yet; use fused_back_pass=False")
         return layout
 
     def _use_group(self, group: Any) -> None:
@@ -473,6 +481,10 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         self._fused.finish(self)
+        if self._reducer.group is not None and not getattr(self, "_warned_sharded_state", False):
+            self._warned_sharded_state = True
+            logger.warning("the state of sharded parameters is saved as each rank's local pieces: resume with the "
+                           "same number of ranks; resharding checkpoints (DCP N -> M ranks) is not supported yet")
         return super().state_dict()
 
 

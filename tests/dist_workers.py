@@ -88,3 +88,61 @@ def fsdp2_worker(rank: int, world: int, store_path: str, out_path: str, options:
         dist.destroy_process_group()
         sys.stdout.flush()
         os._exit(0)
+
+
+def errors_worker(rank: int, world: int, store_path: str, out_path: str) -> None:
+    """Unsupported sharded combinations raise clear errors instead of computing something else."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from prodigy_dist import ProdigyPlusScheduleFree
+
+        model = ShardModel()
+        fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+        messages = []
+        for options in (dict(use_muon_pp=True), dict(fused_back_pass=True)):
+            try:
+                ProdigyPlusScheduleFree(model.parameters(), **options)
+                messages.append("no error")
+            except NotImplementedError as e:
+                messages.append(str(e))
+        if rank == 0:
+            torch.save(messages, out_path)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        os._exit(0)
+
+
+def ddp_worker(rank: int, world: int, store_path: str, out_path: str, options: dict, steps: int) -> None:
+    """DDP: full replicas with averaged gradients; bf16 replicas stay bitwise identical under stochastic rounding."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+
+        from prodigy_dist import ProdigyPlusScheduleFree
+
+        torch.manual_seed(0)
+        model = ShardModel().to(options.pop("dtype", torch.float32))
+        ddp = DistributedDataParallel(model, find_unused_parameters=True)
+        opt = ProdigyPlusScheduleFree(model.parameters(), **options)
+        for step in range(steps):
+            tokens, target = batch(step)
+            opt.zero_grad(set_to_none=True)
+            ((ddp(tokens, step).float() - target) ** 2).mean().backward()
+            opt.step()
+        flat = torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
+        gathered = [torch.zeros_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        if rank == 0:
+            torch.save({"flat": gathered, "d": opt.param_groups[0]["d"]}, out_path)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        os._exit(0)

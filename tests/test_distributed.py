@@ -1,4 +1,4 @@
-"""FSDP2 (fully_shard, DTensor Shard(0)) on 2 and 3 CPU processes with gloo: the same d and weights as one process.
+"""Multi-process runs on CPU with gloo: FSDP2 (fully_shard, DTensor Shard(0)) and DDP give the same d and weights as one process.
 
 Each case spawns its processes (a few seconds); a persistent worker pool is left to the FSDP2 issue.
 """
@@ -44,3 +44,26 @@ def test_fsdp2_matches_one_process(world, options):
     for name, p in params.items():
         torch.testing.assert_close(sharded["params"][name], p, rtol=1e-5, atol=1e-7 * p.abs().max().item())
     assert sharded["collectives"] > 0
+
+
+def _spawn(fn, world, *args):
+    with tempfile.TemporaryDirectory() as tmp:
+        store, out = os.path.join(tmp, "store"), os.path.join(tmp, "out.pt")
+        mp.start_processes(fn, args=(world, store, out) + args, nprocs=world, start_method="spawn", join=True)
+        return torch.load(out, weights_only=True)
+
+
+def test_unsupported_sharded_options_raise():
+    muon, fused = _spawn(dist_workers.errors_worker, 2)
+    assert "use_muon_pp" in muon and "fused_back_pass" in fused
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ddp_replicas_match_one_process_and_each_other(dtype):
+    out = _spawn(dist_workers.ddp_worker, 2, dict(dtype=dtype), STEPS)
+    assert torch.equal(out["flat"][0], out["flat"][1])  # replicas bitwise identical (bf16: stochastic rounding)
+    if dtype == torch.float32:
+        params, d = dist_workers.single_process({}, STEPS)
+        assert out["d"] == pytest.approx(d[0], rel=1e-6)
+        torch.testing.assert_close(out["flat"][0], torch.cat([p.reshape(-1) for p in params.values()]),
+                                   rtol=1e-5, atol=1e-7)
