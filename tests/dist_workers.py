@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 
 import torch
 import torch.distributed as dist
+
+
+def _exit(code: int) -> None:
+    """End a gloo rank: destroy the process group, then os._exit (gloo may abort in interpreter shutdown)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class ShardModel(torch.nn.Module):
@@ -55,7 +65,8 @@ def single_process(options: dict, steps: int):
     return params, [g["d"] for g in opt.param_groups]
 
 
-def fsdp2_worker(rank: int, world: int, store_path: str, out_path: str, options: dict, steps: int) -> None:
+def fsdp2_worker(rank: int, world: int, store_path: str, out_path: str, options: dict, steps: int,
+                 mesh_shape: tuple[int, ...] | None = None) -> None:
     torch.set_num_threads(1)
     store = dist.FileStore(store_path, world)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
@@ -67,7 +78,10 @@ def fsdp2_worker(rank: int, world: int, store_path: str, out_path: str, options:
 
         torch.manual_seed(0)
         model = ShardModel()
-        mesh = init_device_mesh("cpu", (world,))
+        if mesh_shape:  # HSDP: (replicas, shards)
+            mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("replicate", "shard"))
+        else:
+            mesh = init_device_mesh("cpu", (world,))
         for module in (model.embed, model.conv, model.tall, model.wide, model.tiny, model.side):
             fully_shard(module, mesh=mesh)
         fully_shard(model, mesh=mesh)
@@ -84,10 +98,10 @@ def fsdp2_worker(rank: int, world: int, store_path: str, out_path: str, options:
             torch.save({"params": params, "d": [t.tolist() for t in all_d], "rows": local_rows,
                         "collectives": opt._reducer.collectives}, out_path)
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
-        sys.stdout.flush()
-        os._exit(0)
+    except BaseException:
+        traceback.print_exc()
+        _exit(1)
+    _exit(0)
 
 
 def errors_worker(rank: int, world: int, store_path: str, out_path: str) -> None:
@@ -112,10 +126,10 @@ def errors_worker(rank: int, world: int, store_path: str, out_path: str) -> None
         if rank == 0:
             torch.save(messages, out_path)
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
-        sys.stdout.flush()
-        os._exit(0)
+    except BaseException:
+        traceback.print_exc()
+        _exit(1)
+    _exit(0)
 
 
 def ddp_worker(rank: int, world: int, store_path: str, out_path: str, options: dict, steps: int) -> None:
@@ -142,7 +156,7 @@ def ddp_worker(rank: int, world: int, store_path: str, out_path: str, options: d
         if rank == 0:
             torch.save({"flat": gathered, "d": opt.param_groups[0]["d"]}, out_path)
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
-        sys.stdout.flush()
-        os._exit(0)
+    except BaseException:
+        traceback.print_exc()
+        _exit(1)
+    _exit(0)

@@ -18,12 +18,25 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 STEPS = 12
 
 
-def _run(world: int, options: dict):
+def _run(world: int, options: dict, mesh_shape=None):
     with tempfile.TemporaryDirectory() as tmp:
         store, out = os.path.join(tmp, "store"), os.path.join(tmp, "out.pt")
-        mp.start_processes(dist_workers.fsdp2_worker, args=(world, store, out, options, STEPS), nprocs=world,
-                           start_method="spawn", join=True)
+        mp.start_processes(dist_workers.fsdp2_worker, args=(world, store, out, options, STEPS, mesh_shape),
+                           nprocs=world, start_method="spawn", join=True)
         return torch.load(out, weights_only=True)
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 2), (2, 2)])
+def test_hsdp_matches_one_process(mesh_shape):
+    """HSDP: (Replicate, Shard(0)) placements; statistics are reduced over the shard group only."""
+    world = mesh_shape[0] * mesh_shape[1]
+    sharded = _run(world, {}, mesh_shape)
+    params, d = dist_workers.single_process({}, STEPS)
+    assert all(rd == sharded["d"][0] for rd in sharded["d"])
+    assert sharded["d"][0][0] == pytest.approx(d[0], rel=1e-6)
+    assert sharded["rows"]["tall.weight"] == [35, 35] * mesh_shape[0]
+    for name, p in params.items():
+        torch.testing.assert_close(sharded["params"][name], p, rtol=1e-5, atol=1e-7 * p.abs().max().item())
 
 
 @pytest.mark.parametrize("world", [2, 3])
