@@ -40,8 +40,13 @@ def test_hsdp_matches_one_process(mesh_shape):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("options", [{}, dict(weight_decay=0.01, use_cautious=True, use_orthograd=True)],
-                         ids=["defaults", "cautious_orthograd_wd"])
+@pytest.mark.parametrize("options", [{}, dict(weight_decay=0.01, use_cautious=True, use_orthograd=True),
+                                     dict(use_speed=True, use_bias_correction=True, schedulefree_c=5.0),
+                                     dict(use_schedulefree=False, use_grams=True, eps=None),
+                                     dict(factored=False, use_adopt=True, weight_decay=0.01,
+                                          weight_decay_by_lr=False)],
+                         ids=["defaults", "cautious_orthograd_wd", "speed_biascorr_sfc", "prodigy_grams_atan2",
+                              "unfactored_adopt_wd"])
 def test_fsdp2_matches_one_process(world, options):
     sharded = _run(world, options)
     params, d = dist_workers.single_process(options, STEPS)
