@@ -98,10 +98,9 @@ def sample(t: torch.Tensor, layout: ParamLayout) -> torch.Tensor:
     return t.reshape(-1)[layout.slice_start::SLICE]
 
 
-def _sq_norm(t: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    if dim is None:
-        return torch.linalg.vector_norm(t, dtype=torch.float32).square()
-    return torch.linalg.vector_norm(t, dim=dim, keepdim=True, dtype=torch.float32).square_()
+def _sq_norm(t: torch.Tensor) -> torch.Tensor:
+    """Sum of squares (fp32, 0-dim): a partial sum when ``t`` is a local piece."""
+    return torch.linalg.vector_norm(t, dtype=torch.float32).square()
 
 
 # ------------------------------------------------------------------------------------------ phase A

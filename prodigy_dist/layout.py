@@ -54,15 +54,6 @@ class ParamLayout:
         """First local flat index whose global index is a multiple of SLICE."""
         return (-self.flat_offset) % SLICE
 
-    def slice_numel(self, local_numel: int) -> int:
-        """Number of sampled elements held locally."""
-        start = self.slice_start
-        return 0 if local_numel <= start else (local_numel - start + SLICE - 1) // SLICE
-
-    @property
-    def global_slice_numel(self) -> int:
-        return (self.global_numel + SLICE - 1) // SLICE
-
 
 def single_process_layout(p: torch.Tensor) -> ParamLayout:
     """The whole tensor held by this process, nothing to combine."""

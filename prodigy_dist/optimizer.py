@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from .kernels import ABS_S, DOT, GSQ, L2SQ, Bucket, ScratchPool, statistics, update
+from .kernels import ABS_S, DOT, GSQ, L2SQ, Bucket, ScratchPool, sample, statistics, update
 from .layout import ParamLayout, dtensor_layout, factored_dims, single_process_layout
 from .options import DEFAULTS, GLOBAL_OPTIONS, NONFINITE_POLICIES, log_precedence_rules, validate_group
 from .reduction import Reducer
@@ -82,8 +82,7 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
             logger.debug("a single parameter group: split_groups has no effect")
         for group in self.param_groups:
             group["split_groups"] = split
-            for p in group["params"]:
-                self._layout(p)  # sharded parameters attach the reducer to their process group
+            self._resolve_layouts(group)
         self._constructed = True
 
     # ------------------------------------------------------------------ groups
@@ -116,6 +115,7 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
             if not first["split_groups"]:
                 for key in _D_KEYS:
                     group[key] = first[key]
+            self._resolve_layouts(group)
 
     def _param_order(self) -> dict[int, tuple[int, int]]:
         """id(param) -> (group index, position over all groups); cached until the groups change."""
@@ -141,15 +141,22 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
             layout = self._layouts[id(p)] = dtensor_layout(p) if _is_dtensor(p) else single_process_layout(p)
             if layout.sharded:
                 self._use_group(layout.group)
-                group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
-                if group is not None and group["use_muon_pp"] and len(layout.global_shape) >= 2:
-                    raise NotImplementedError("use_muon_pp with sharded (FSDP2) matrices is not supported yet: "
-                                              "Newton-Schulz needs the whole matrix. Put the sharded matrices in a "
-                                              "group with use_muon_pp=False")
-                if group is not None and group["fused_back_pass"]:
-                    raise NotImplementedError("fused_back_pass with sharded (FSDP2) parameters is not supported "
-                                              "yet; use fused_back_pass=False")
         return layout
+
+    def _resolve_layouts(self, group: dict[str, Any]) -> None:
+        """Read the layout of every parameter of a group now: sharded parameters attach the reducer to their
+        process group, and combinations not supported on sharded parameters fail here, not mid-training."""
+        for p in group["params"]:
+            layout = self._layout(p)
+            if not layout.sharded:
+                continue
+            if group["use_muon_pp"] and len(layout.global_shape) >= 2:
+                raise NotImplementedError("use_muon_pp with sharded (FSDP2) matrices is not supported yet: "
+                                          "Newton-Schulz needs the whole matrix. Put the sharded matrices in a "
+                                          "group with use_muon_pp=False")
+            if group["fused_back_pass"]:
+                raise NotImplementedError("fused_back_pass with sharded (FSDP2) parameters is not supported yet; "
+                                          "use fused_back_pass=False")
 
     def _use_group(self, group: Any) -> None:
         if self._reducer.group is None:
@@ -190,8 +197,7 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(local)
         if group["prodigy_steps"] <= 0 or group["k"] < group["prodigy_steps"]:
             stat_dtype = torch.bfloat16 if p.dtype == torch.float32 else p.dtype
-            flat = local.reshape(-1)[layout.slice_start::11]
-            state["p0"] = flat.to(stat_dtype, copy=True)
+            state["p0"] = sample(local, layout).to(stat_dtype, copy=True)
             if not group["use_speed"]:
                 state["s"] = torch.zeros_like(state["p0"])
         return state

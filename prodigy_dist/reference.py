@@ -11,14 +11,13 @@ from typing import Any
 
 import torch
 
+from .kernels import ATAN2_SCALE, FOCUS_GAMMA
 from .layout import SLICE, factored_dims
 from .muon import muon_direction
 from .options import DEFAULTS, validate_group
 from .rounding import write_back_
 from .scalars import harmonic_mean, speed_beta, step_scalars, update_d
 
-ATAN2_SCALE = 1.2732395  # 4/pi: Adam-atan2 bounds |u| < 2
-FOCUS_GAMMA = 0.1
 
 
 def sample(t: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ by the fast optimizer and the reference implementation.
 
 from __future__ import annotations
 
+from statistics import harmonic_mean  # noqa: F401  (the mean of the groups' d, B §3.6)
 from typing import Any
 
 from .options import beta3_of
@@ -76,9 +77,3 @@ def update_d(group: dict[str, Any], numerator: float, denom: float) -> None:
         d = max(d, group["d_coef"] * d_hat)
     group.update(prev_d_numerator=prev_numerator, max_d_numerator=max_numerator, d_numerator=new_numerator,
                  d_denom=denom, d_prev=group["d"], d=d)
-
-
-def harmonic_mean(values: list[float]) -> float:
-    """Harmonic mean as statistics.harmonic_mean computes it for positive values."""
-    from statistics import harmonic_mean as _hm
-    return _hm(values)
