@@ -120,6 +120,14 @@ def statistics(b: Bucket) -> list[torch.Tensor]:
     if b.kind == "factored":
         b.r_sums = {}
         for g, (dr, dc), layout, st in zip(b.grads, b.dims, b.layouts, b.states):
+            if layout.fragment:  # statistics of the whole tensor, summed over every rank's fragments
+                row, col = _fragment_sums(g, layout, dr, dc)
+                b.row_parts.append(row)
+                b.col_parts.append(col)
+                gsq.append(_sq_norm(g))
+                if layout.sharded:
+                    to_reduce += [row, col]
+                continue
             sq = _fp32(b, 0, g)
             sq = torch.square(sq, out=_work(b, 0, g))
             row, col = sq.sum(dim=dr, keepdim=True), sq.sum(dim=dc, keepdim=True)
@@ -161,6 +169,46 @@ def statistics(b: Bucket) -> list[torch.Tensor]:
     return to_reduce
 
 
+def _row_block(t: torch.Tensor, layout: ParamLayout) -> torch.Tensor:
+    """A fragment's values (fp32) in a zero-padded block of the global rows it touches."""
+    block = torch.zeros((layout.local_rows, *layout.global_shape[1:]), dtype=torch.float32, device=t.device)
+    block.view(-1)[layout.lead:layout.lead + t.numel()] = t.reshape(-1)
+    return block
+
+
+def _rows_of(t: torch.Tensor, layout: ParamLayout, keeps_rows: bool) -> torch.Tensor:
+    """The rows of a global-shaped statistic that a fragment touches (all of it if dim 0 was reduced)."""
+    return t.narrow(0, layout.row_offset, layout.local_rows) if keeps_rows else t
+
+
+def _fragment_sums(g: torch.Tensor, layout: ParamLayout, dr: int, dc: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums of g^2 over dr and over dc with the global keepdim shapes: this fragment's part, zeros elsewhere."""
+    sq = _row_block(g, layout).square_()
+    out = []
+    for dim in (dr, dc):
+        part = sq.sum(dim=dim, keepdim=True)
+        if dim == 0:
+            out.append(part)
+            continue
+        shape = list(layout.global_shape)
+        shape[dim] = 1
+        full = torch.zeros(shape, dtype=torch.float32, device=g.device)
+        _rows_of(full, layout, True).copy_(part)
+        out.append(full)
+    return out[0], out[1]
+
+
+def _fragment_sqrt(r: torch.Tensor, c: torch.Tensor, dr: int, dc: int, layout: ParamLayout,
+                   eps_term: float | None) -> torch.Tensor:
+    """The factored sqrt(v) (+ eps_term) of a fragment, from the global R and C (identical on every rank)."""
+    mean = r.sum(dim=dc, keepdim=True).div_(layout.global_shape[dc]).add_(1e-30)
+    r_l, c_l = _rows_of(r, layout, dr != 0), _rows_of(c, layout, dc != 0)
+    block = torch.mul(r_l / _rows_of(mean, layout, dr != 0 and dc != 0), c_l)
+    block = block.expand(layout.local_rows, *layout.global_shape[1:])
+    out = block.reshape(-1)[layout.lead:layout.lead + layout.flat_numel].sqrt()
+    return out.add_(eps_term) if eps_term is not None else out
+
+
 # ------------------------------------------------------------------------------------------ phase B
 def _factored_sqrt(r: torch.Tensor, c: torch.Tensor, dc: int, layout: ParamLayout,
                    eps_term: float | None, out: torch.Tensor | None = None,
@@ -193,11 +241,14 @@ def _second_moment(b: Bucket, gs, ws, beta2: float, d: float, eps_term: float | 
             sums = b.r_sums.get(i)
             before, after = (sums[0:1], sums[1:2]) if sums is not None else (None, None)
             if adopt:
-                out.append(_factored_sqrt(r, c, dc, layout, eps_term, r_sum=before))
+                out.append(_fragment_sqrt(r, c, dr, dc, layout, eps_term) if layout.fragment else
+                           _factored_sqrt(r, c, dc, layout, eps_term, r_sum=before))
             shape = layout.global_shape
             r.mul_(beta2).add_(row.mul_(1.0 / shape[dr]), alpha=(1 - beta2) * d * d)
             c.mul_(beta2).add_(col.mul_(1.0 / shape[dc]), alpha=(1 - beta2) * d * d)
-            if not adopt:  # into scratch 0 when the state is fp32 (the update is then built in place there)
+            if layout.fragment and not adopt:
+                out.append(_fragment_sqrt(r, c, dr, dc, layout, eps_term))
+            elif not adopt:  # into scratch 0 when the state is fp32 (the update is then built in place there)
                 buf = _work(b, 0, r.expand(layout_shape(r, c))) if r.dtype == torch.float32 else None
                 out.append(_factored_sqrt(r, c, dc, layout, eps_term, buf, r_sum=after))
         return out

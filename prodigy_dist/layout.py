@@ -28,6 +28,20 @@ class ParamLayout:
     row_offset: int = 0
     local_rows: int | None = None
     group: Any = None  # process group over which the pieces of this tensor are combined; None = not sharded
+    # A fragment (DeepSpeed ZeRO flat partitions): the local piece is the 1-D global flat range
+    # [flat_start, flat_start + flat_numel), possibly cut mid-row; row_offset/local_rows then give the rows it
+    # touches (see fragment_layout). None for row blocks.
+    flat_start: int | None = None
+    flat_numel: int | None = None
+
+    @property
+    def fragment(self) -> bool:
+        return self.flat_start is not None
+
+    @property
+    def lead(self) -> int:
+        """A fragment's position in the block of the rows it touches (0 for row blocks)."""
+        return self.flat_start - self.row_offset * self.row_numel if self.fragment else 0
 
     @property
     def global_numel(self) -> int:
@@ -43,6 +57,8 @@ class ParamLayout:
     @property
     def flat_offset(self) -> int:
         """Global flat index of the first local element."""
+        if self.flat_start is not None:
+            return self.flat_start
         return self.row_offset * self.row_numel if self.global_shape else 0
 
     @property
@@ -58,6 +74,21 @@ class ParamLayout:
 def single_process_layout(p: torch.Tensor) -> ParamLayout:
     """The whole tensor held by this process, nothing to combine."""
     return ParamLayout(global_shape=tuple(p.shape), row_offset=0, local_rows=p.shape[0] if p.dim() else None)
+
+
+def fragment_layout(global_shape: tuple[int, ...], flat_start: int, flat_numel: int, group: Any) -> ParamLayout:
+    """A contiguous range of the global flattened tensor (a DeepSpeed ZeRO partition's piece of a parameter)."""
+    shape = tuple(global_shape)
+    row_numel = 1
+    for s in shape[1:]:
+        row_numel *= s
+    if flat_numel == 0 or row_numel == 0:
+        first, rows = 0, 0
+    else:
+        first = flat_start // row_numel
+        rows = -(-(flat_start + flat_numel) // row_numel) - first
+    return ParamLayout(global_shape=shape, row_offset=first, local_rows=rows, group=group, flat_start=flat_start,
+                       flat_numel=flat_numel)
 
 
 def factored_dims(global_shape: tuple[int, ...], factored: bool) -> tuple[int, int] | None:
@@ -88,9 +119,12 @@ def dtensor_layout(p: Any) -> ParamLayout:
     if not shard_dims:
         return ParamLayout(global_shape=shape, row_offset=0, local_rows=shape[0] if shape else None)
     mesh_dim = shard_dims[0]
-    world = mesh.size(mesh_dim)
-    rank = mesh.get_local_rank(mesh_dim)
-    chunk = -(-shape[0] // world)  # torch.chunk: ceil(rows / world) rows per rank, the tail gets less or none
-    start = min(rank * chunk, shape[0])
-    rows = max(0, min(chunk, shape[0] - start))
+    start, rows = chunk_ranges(shape[0], mesh.size(mesh_dim))[mesh.get_local_rank(mesh_dim)]
     return ParamLayout(global_shape=shape, row_offset=start, local_rows=rows, group=mesh.get_group(mesh_dim))
+
+
+def chunk_ranges(n: int, world: int) -> list[tuple[int, int]]:
+    """(start, length) of each rank's piece when ``n`` items are split like ``torch.chunk`` (FSDP2, DTensor
+    ``Shard``): ceil(n / world) items per rank, the tail ranks get less or nothing."""
+    chunk = -(-n // world) if world else 0
+    return [(min(r * chunk, n), max(0, min(chunk, n - r * chunk))) for r in range(world)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from collections.abc import Iterable
 from typing import Any, Callable
 
@@ -24,6 +25,7 @@ from .layout import ParamLayout, dtensor_layout, factored_dims, single_process_l
 from .options import DEFAULTS, GLOBAL_OPTIONS, NONFINITE_POLICIES, log_precedence_rules, validate_group
 from .reduction import Reducer
 from .scalars import harmonic_mean, speed_beta, step_scalars, update_d
+from .sharded_state import SAMPLE_KEYS, exchange_samples, global_state, local_piece
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +86,9 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
             group["split_groups"] = split
             self._resolve_layouts(group)
         self._constructed = True
+        if "deepspeed" in sys.modules:  # possibly built for deepspeed.initialize (see prodigy_dist.deepspeed)
+            from .deepspeed import prepare_for_deepspeed
+            prepare_for_deepspeed(self)
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -184,7 +189,9 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
         if kind == "factored":
             dr, dc = dims
             fdtype = torch.float32 if group["factored_fp32"] else p.dtype
-            row_shape, col_shape = list(local.shape), list(local.shape)
+            # a fragment (DeepSpeed ZeRO) keeps the statistics of the whole tensor, identical on every rank
+            row_shape = list(layout.global_shape) if layout.fragment else list(local.shape)
+            col_shape = list(row_shape)
             row_shape[dr] = 1
             col_shape[dc] = 1
             state["exp_avg_sq_row"] = torch.zeros(row_shape, dtype=fdtype, device=local.device)
@@ -198,7 +205,13 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
         if group["prodigy_steps"] <= 0 or group["k"] < group["prodigy_steps"]:
             stat_dtype = torch.bfloat16 if p.dtype == torch.float32 else p.dtype
             state["p0"] = sample(local, layout).to(stat_dtype, copy=True)
-            if not group["use_speed"]:
+            if group["use_speed"]:
+                # Created now (not at the first step) so that the state has its final structure for checkpoints;
+                # NaN marks "no running value yet".
+                state["exp_avg_x0_dot"] = torch.full((), math.nan, device=local.device)
+                state["max_x0_minus_l1_norm"] = torch.full((), 1e-8, device=local.device)
+                state["max_x0_minus_l2_norm"] = torch.full((), 1e-8, device=local.device)
+            else:
                 state["s"] = torch.zeros_like(state["p0"])
         return state
 
@@ -217,9 +230,12 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
         """Load a state dict; unlike torch.optim.Optimizer, every state tensor keeps its saved dtype.
 
         (torch casts floating state to the parameter's dtype, which would turn the bf16 Prodigy samples of fp32
-        parameters into fp32 and round the fp32 factored statistics of bf16 parameters to bf16.)
+        parameters into fp32 and round the fp32 factored statistics of bf16 parameters to bf16.) The state of a
+        sharded parameter may be given in checkpoint form (DTensors of global shape, see :meth:`state_dict`) or as
+        full single-process tensors; each rank keeps its own piece. Collective on sharded optimizers.
         """
         self._fused.finish(self)
+        state_dict = self._local_state_dict(state_dict)
         super().load_state_dict(state_dict)
         saved = state_dict["state"]
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
@@ -227,6 +243,67 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
                 for key, value in saved.get(pid, {}).items():
                     if torch.is_tensor(value) and value.is_floating_point():
                         self.state[p][key] = value.detach().to(device=self._local(p).device, copy=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer state. The state of sharded (DTensor) parameters is given in checkpoint form: DTensors with
+        their true global shapes (the Prodigy samples re-chunked, one all_to_all), so that
+        ``torch.distributed.checkpoint`` saves it on N ranks and loads it on M ranks or on one process.
+        Collective on sharded optimizers: call it on every rank."""
+        self._fused.finish(self)
+        sd = super().state_dict()
+        sharded = [(gi, i, p) for gi, i, p in self._indexed_params() if self._layout(p).sharded and p in self.state]
+        if not sharded:
+            return sd
+        entries, owners = [], []
+        for _, i, p in sharded:
+            for key in SAMPLE_KEYS:
+                if key in self.state[p]:
+                    entries.append((self._layout(p), self.state[p][key]))
+                    owners.append((i, key))
+        chunks: dict[int, dict[str, torch.Tensor]] = {}
+        for (i, key), t in zip(owners, exchange_samples(entries, self._reducer.group, to_chunks=True)):
+            chunks.setdefault(i, {})[key] = t
+        state = dict(sd["state"])
+        for gi, i, p in sharded:
+            group = self.param_groups[gi]
+            state[i] = global_state(p, self._layout(p), group["factored"] and not group["use_focus"],
+                                    self.state[p], chunks.get(i, {}))
+        return {"state": state, "param_groups": sd["param_groups"]}
+
+    def _indexed_params(self) -> list[tuple[int, int, torch.Tensor]]:
+        """(group index, state-dict index, param) in the order torch.optim numbers parameters."""
+        out, i = [], 0
+        for gi, g in enumerate(self.param_groups):
+            for p in g["params"]:
+                out.append((gi, i, p))
+                i += 1
+        return out
+
+    def _local_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict`` with every state tensor of a sharded parameter replaced by this rank's local piece."""
+        saved = state_dict["state"]
+        pieces, entries, owners = {}, [], []
+        for saved_group, (gi, group) in zip(state_dict["param_groups"], enumerate(self.param_groups)):
+            factored = group["factored"] and not group["use_focus"]
+            for pid, p in zip(saved_group["params"], group["params"]):
+                layout = self._layout(p)
+                if pid not in saved or not (layout.sharded or any(_is_dtensor(v) for v in saved[pid].values()
+                                                                   if torch.is_tensor(v))):
+                    continue
+                local = {key: local_piece(v, layout, key, factored) if torch.is_tensor(v) else v
+                         for key, v in saved[pid].items()}
+                pieces[pid] = local
+                if layout.sharded:
+                    for key in SAMPLE_KEYS:
+                        if key in local:
+                            entries.append((layout, local[key]))
+                            owners.append((pid, key))
+        if self._reducer.active:  # every rank joins, also with nothing to exchange
+            for (pid, key), t in zip(owners, exchange_samples(entries, self._reducer.group, to_chunks=False)):
+                pieces[pid][key] = t
+        if not pieces:
+            return state_dict
+        return {"state": {**saved, **pieces}, "param_groups": state_dict["param_groups"]}
 
     # ------------------------------------------------------------------ train / eval
     @torch.no_grad()
@@ -264,6 +341,16 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self.state and all(_is_zero(g["lr"]) for g in self.param_groups):
+            # torch.distributed.checkpoint's state-dict helpers create missing state with a zero-gradient step at
+            # lr=0; that must not count as a step (it would advance k and the Schedule-Free average).
+            logger.info("first step with lr=0 everywhere: only the state was allocated (as by init_state())")
+            self.init_state()
+            return loss
+        if "deepspeed" in sys.modules:
+            from .deepspeed import deepspeed_step
+            if deepspeed_step(self):  # a ZeRO partition's step, or DeepSpeed's state-allocating zero-gradient step
+                return loss
         if self.param_groups[0]["fused_back_pass"]:
             # The parameters were stepped by the gradient hooks; finish a step the end-of-backward callback did
             # not get to (e.g. hooks driven by hand).
@@ -278,7 +365,8 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
         self._run_step(items)
         return loss
 
-    def _buckets(self, items: list[tuple[int, torch.Tensor]], scalars: list[dict]) -> list[Bucket]:
+    def _buckets(self, items: list[tuple[int, torch.Tensor]], scalars: list[dict],
+                 positions: dict[int, int] | None = None) -> list[Bucket]:
         """Group the parameters by (group, kind, Muon, dtype, device). On one process a large tensor gets a bucket
         of its own, which works in the reusable scratch buffers instead of fresh allocations."""
         keyed: dict[tuple, Bucket] = {}
@@ -304,7 +392,7 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
             b.states.append(state)
             b.layouts.append(self._layout(p))
             b.dims.append(dims)
-            b.positions.append(order[id(p)][1])
+            b.positions.append(order[id(p)][1] if positions is None else positions[id(p)])
         return list(keyed.values())
 
     def _run_step(self, items: list[tuple[int, torch.Tensor]]) -> None:
@@ -382,6 +470,7 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
                 dot, l1, l2 = rows[sl, DOT], rows[sl, ABS_S], rows[sl, L2SQ].sqrt()
                 beta = speed_beta(b.sc["k"])
                 prev = torch.stack([st.get("exp_avg_x0_dot", dot[i]) for i, st in enumerate(b.states)])
+                prev = torch.where(prev.isnan(), dot, prev)
                 ema = prev * beta + dot * (1 - beta)
                 tiny = torch.full_like(l1, 1e-8)
                 l1 = torch.maximum(l1, torch.stack([st.get("max_x0_minus_l1_norm", tiny[i])
@@ -485,13 +574,9 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
         out["skipped_steps"] = float(self.param_groups[0]["skipped_steps"])
         return out
 
-    def state_dict(self) -> dict[str, Any]:
-        self._fused.finish(self)
-        if self._reducer.group is not None and not getattr(self, "_warned_sharded_state", False):
-            self._warned_sharded_state = True
-            logger.warning("the state of sharded parameters is saved as each rank's local pieces: resume with the "
-                           "same number of ranks; resharding checkpoints (DCP N -> M ranks) is not supported yet")
-        return super().state_dict()
+
+def _is_zero(lr: Any) -> bool:
+    return bool(lr == 0) if not torch.is_tensor(lr) else lr.numel() == 1 and float(lr) == 0.0
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
