@@ -1,0 +1,5 @@
+"""``python -m launch``: see :mod:`launch.cli`."""
+
+from .cli import console
+
+console()
