@@ -1,0 +1,401 @@
+"""The compiled fast path: the step of :mod:`prodigy_dist.kernels`, fused into a few passes by ``torch.compile``.
+
+Same contract as :func:`kernels.statistics` / :func:`kernels.update` (a :class:`~kernels.Bucket` of local pieces,
+phase A read-only, phase B a generator yielding per-tensor partial sums in the same rounds as the eager path), so it
+runs unchanged on one process, DDP replicas and FSDP2 shards. The eager path stays the reference and the fallback.
+
+Passes over memory per parameter of a 2-D tensor (fp32; bf16 halves every figure):
+
+* phase A: the row and column sums of g^2 (factored statistics), plus the Prodigy sample shared with the eager path
+  (every 11th element of g and of z: the strided walk over z touches every cache line, 4 B/param);
+* phase B, StableAdamW on (``eps`` a number): one read of g for the RMS of the update (the update is recomputed,
+  never stored), yield, then one fused pass that reads g, y and z and writes y and z;
+* Prodigy mode writes the first moment in the RMS pass (read g, m; write m) and reads it in the update pass;
+  ``factored=False`` does the same with the full second moment; ``eps=None`` (Adam-atan2) has no RMS pass.
+
+Compiled variants (anything else runs the eager kernels, by design): factored 2-D tensors and unfactored tensors,
+fp32 or bf16 storage (stochastic rounding with the same noise as :mod:`prodigy_dist.rounding`, or round-to-nearest),
+Schedule-Free or Prodigy mode, ``eps`` a number or ``None``, StableAdamW on/off, any weight decay, SPEED, and
+``prodigy_steps``. Not compiled: Muon, cautious, Grams, ADOPT, FOCUS, OrthoGrad, bias correction,
+``factored_fp32=False``, factored tensors of more than 2 dims, non-contiguous tensors.
+
+Compilation cost is kept out of the way: every per-step scalar (d, the coefficients, the rounding stream start)
+enters compiled code as a tensor, never as a Python float; each kernel is compiled with dynamic shapes, so one
+graph serves every tensor of a rank and dtype; each variant of each kernel is its own code object, so variants never
+share the recompile limit. A kernel that cannot be compiled (no C++ compiler, a limit hit, an inductor error) is
+logged once at warning level and runs the same Python function eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import types
+from typing import Callable, Generator, NamedTuple
+
+import torch
+
+from . import kernels
+from .kernels import ATAN2_SCALE, Bucket
+from .rounding import TABLE_SIZE, _mix, _table
+
+logger = logging.getLogger(__name__)
+
+#: ``fast_path`` values accepted by the optimizer.
+FAST_PATHS = ("auto", "compiled", "eager")
+
+#: With ``fast_path="auto"`` on a CPU, the compiled path is used only when the optimizer holds at least this many
+#: parameters: compiling costs 10-60 s per variant on a CPU, which pays off only for large models.
+AUTO_CPU_MIN_PARAMS = 1 << 24
+
+#: Rows per block of the compiled statistics pass (column partial sums accumulate per block of rows).
+ROW_BLOCK = 32
+
+
+# ------------------------------------------------------------------------------------------ variants
+class Variant(NamedTuple):
+    """What a bucket's update needs; every field is a compile-time constant of the kernels."""
+
+    full: bool  # full second moment (else factored, 2-D)
+    schedulefree: bool
+    atan2: bool  # eps=None
+    stable: bool  # StableAdamW RMS scaling
+    decay: str  # "none" | "by_lr" | "raw" (weight decay, Schedule-Free) | "scale" (Prodigy mode)
+    storage: str  # "fp32" | "sr" (bf16, stochastic rounding) | "rne" (bf16, round to nearest)
+    moment_dtype: torch.dtype  # dtype of exp_avg / exp_avg_sq (the storage dtype)
+
+
+def variant(b: Bucket) -> Variant | None:
+    """The compiled variant for bucket ``b``, or None when the bucket runs the eager kernels."""
+    group, sc = b.group, b.sc
+    if b.muon or group["use_cautious"] or group["use_grams"] or group["use_adopt"] or group["use_focus"] \
+            or group["use_orthograd"] or group["use_bias_correction"] or sc["adopt_first"] or sc["raw_update"]:
+        return None
+    dtype = b.params[0].dtype
+    if dtype not in (torch.float32, torch.bfloat16):
+        return None
+    for p, g, dims, layout in zip(b.params, b.grads, b.dims, b.layouts):
+        if getattr(layout, "fragment", False):  # DeepSpeed ZeRO fragments: eager
+            return None
+        if g.dtype != dtype or not p.is_contiguous() or not g.is_contiguous():
+            return None
+        if dims is not None and p.dim() != 2:
+            return None
+    if b.kind == "factored":
+        st = b.states[0]
+        if st["exp_avg_sq_row"].dtype != torch.float32:
+            return None
+    lam = group["weight_decay"]
+    if lam == 0:
+        decay = "none"
+    elif not group["use_schedulefree"]:
+        decay = "scale"
+    else:
+        decay = "by_lr" if group["weight_decay_by_lr"] else "raw"
+    if dtype == torch.float32:
+        storage = "fp32"
+    else:
+        storage = "sr" if group["stochastic_rounding"] else "rne"
+    eps = group["eps"]
+    return Variant(full=b.kind == "full", schedulefree=group["use_schedulefree"], atan2=eps is None,
+                   stable=group["use_stableadamw"] and eps is not None, decay=decay, storage=storage,
+                   moment_dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------ compilation
+class _Kernel:
+    """A Python function, compiled once per process with dynamic shapes; runs eagerly (logged once) if it can't be.
+
+    ``name`` becomes the code object's name: each kernel variant has its own code object, hence its own cache
+    entries and recompile budget, and shows up under that name in TORCH_LOGS output.
+    """
+
+    def __init__(self, name: str, fn: Callable):
+        code = fn.__code__.replace(co_name=name)
+        self.fn = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+        self.name = name
+        # emulate_precision_casts: keep the explicit bf16 roundings of intermediate values (inductor would
+        # otherwise compute through them in fp32 and differ from the eager path)
+        self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True,
+                                      options={"emulate_precision_casts": True})
+        self.failed = False
+
+    def __call__(self, *args):
+        if not self.failed:
+            try:
+                return self.compiled(*args)
+            except Exception as exc:  # compilation failed or a recompile limit was hit: never silently
+                self.failed = True
+                logger.warning("prodigy_dist: torch.compile of %s failed (%s: %s); this kernel runs eagerly "
+                               "from now on (slower, same results)", self.name, type(exc).__name__,
+                               str(exc).splitlines()[0] if str(exc) else "")
+        return self.fn(*args)
+
+
+_kernels: dict[tuple, _Kernel] = {}
+
+
+def _kernel(name: str, fn: Callable, key: tuple) -> _Kernel:
+    k = _kernels.get((name,) + key)
+    if k is None:
+        tag = "_".join(str(v).replace("torch.", "") for v in key)
+        k = _kernels[(name,) + key] = _Kernel(f"{name}__{tag}", fn)
+    return k
+
+
+_available: dict[str, bool] = {}
+
+
+def available(device: torch.device) -> bool:
+    """Whether torch.compile works on ``device`` (tried once per device type; a failure is logged once)."""
+    kind = device.type
+    if kind not in _available:
+        ok, why = True, ""
+        if kind == "cpu" and shutil.which("g++") is None and shutil.which("c++") is None \
+                and shutil.which("clang++") is None:
+            ok, why = False, "no C++ compiler found (inductor needs one on a CPU)"
+        if ok:
+            try:
+                probe = torch.compile(_probe, dynamic=True, fullgraph=True)
+                probe(torch.ones(3, device=device))
+            except Exception as exc:
+                ok, why = False, f"{type(exc).__name__}: {exc}".splitlines()[0]
+        if not ok:
+            logger.warning("prodigy_dist: the compiled fast path is unavailable on %s (%s); the eager path is used",
+                           kind, why)
+        _available[kind] = ok
+    return _available[kind]
+
+
+def _probe(x):
+    return x * 2 + 1
+
+
+def choose(b: Bucket, fast_path: str, total_params: Callable[[], int], alone: bool) -> bool:
+    """Whether bucket ``b`` runs the compiled kernels.
+
+    ``"eager"``: never. ``"compiled"``: every supported bucket. ``"auto"``: supported buckets on an accelerator; on
+    a CPU only when the optimizer holds at least AUTO_CPU_MIN_PARAMS parameters and, on one process, only the
+    buckets of one large tensor (the many small tensors stay in the eager multi-tensor kernels).
+    """
+    if fast_path == "eager" or variant(b) is None:
+        return False
+    device = b.params[0].device
+    if fast_path == "auto" and device.type == "cpu":
+        if (alone and b.scratch is None) or total_params() < AUTO_CPU_MIN_PARAMS:
+            return False
+    return available(device)
+
+
+# ------------------------------------------------------------------------------------------ the kernels
+def _stats_2d(g):
+    """Sums of g^2 along dim 1 and along dim 0 of the whole blocks of ROW_BLOCK rows of a 2-D tensor (fp32).
+
+    The column sums are accumulated per block of ROW_BLOCK rows (a contiguous walk) and the block sums added at the
+    end, instead of walking whole columns with a stride. The last ``rows % ROW_BLOCK`` rows are left to the caller.
+    """
+    m, n = g.shape
+    blocks = m // ROW_BLOCK
+    sq = g[:blocks * ROW_BLOCK].float().square()
+    return sq.sum(1), sq.view(blocks, ROW_BLOCK, n).sum(1).sum(0)
+
+
+def _as(x, dtype: torch.dtype):
+    """``x`` rounded to ``dtype`` (round to nearest) and back to fp32: the eager path's intermediate roundings."""
+    return x if dtype == torch.float32 else x.to(dtype).float()
+
+
+def _moments(g, m, v, s, V: Variant):
+    """The new first moment (Prodigy mode) and full second moment, fp32 values rounded like their storage."""
+    m_new = v_new = None
+    if not V.schedulefree:
+        m_new = _as(_as(m.float() * s[_BETA1], V.moment_dtype) + g * s[_M_ALPHA], V.moment_dtype)
+    if V.full:
+        v_new = _as(_as(v.float() * s[_BETA2], V.moment_dtype) + (g * g) * s[_V_ALPHA], V.moment_dtype)
+    return m_new, v_new
+
+
+def _direction(g, a, c, m_new, v_new, s, V: Variant):
+    """The normalised update before StableAdamW scaling (fp32)."""
+    if V.full:
+        den = _as(v_new.sqrt(), V.moment_dtype)
+        if not V.atan2:
+            # (torch._foreach_add_ of a Python scalar to bf16 tensors rounds the scalar to bf16 first on a CPU)
+            den = _as(den + _as(s[_EPS_TERM], V.moment_dtype), V.moment_dtype)
+    else:
+        den = (a[:, None] * c[None, :]).sqrt()
+        if not V.atan2:
+            den = den + s[_EPS_TERM]
+    num = g * s[_D] if V.schedulefree else m_new
+    if V.atan2:
+        return torch.atan2(num, den) * ATAN2_SCALE
+    return num / den
+
+
+def _rms_pass(g, a, c, m, v, s, V: Variant):
+    """Sum of the squared update (StableAdamW); writes the new first/second moment when they are stored."""
+    g = g.float()
+    m_new, v_new = _moments(g, m, v, s, V)
+    u = _direction(g, a, c, m_new, v_new, s, V)
+    if m_new is not None:
+        m.copy_(m_new)
+    if v_new is not None:
+        v.copy_(v_new)
+    return (u * u).sum()
+
+
+def _stochastic(x, table, start):
+    """fp32 -> bf16 with the table noise of rounding.copy_stochastic_ (flat element i reads table[(start+i) % T])."""
+    flat = x.reshape(-1)
+    idx = (torch.arange(flat.shape[0], device=x.device) + start) % TABLE_SIZE
+    bits = (flat.view(torch.int32) + table[idx]) & -65536
+    return bits.view(torch.float32).to(torch.bfloat16).view(x.shape)
+
+
+def _store(target, value, table, start, V: Variant):
+    if V.storage == "sr":
+        target.copy_(_stochastic(value, table, start))
+    else:
+        target.copy_(value)
+
+
+def _update_pass(g, a, c, m, v, y, z, scale, s, table, starts, V: Variant, moments_done: bool):
+    """The update: direction (scaled by the StableAdamW factor ``scale``), weight decay, Schedule-Free
+    interpolation or Prodigy step; writes y (the parameter) and z in place."""
+    g = g.float()
+    if moments_done:  # the RMS pass stored them
+        m_new = m.float() if m is not None else None
+        v_new = v.float() if v is not None else None
+    else:
+        m_new, v_new = _moments(g, m, v, s, V)
+        if m_new is not None:
+            m.copy_(m_new)
+        if v_new is not None:
+            v.copy_(v_new)
+    u = _direction(g, a, c, m_new, v_new, s, V)
+    if V.stable:
+        u = u / scale
+    y32 = y.float()
+    if V.schedulefree:
+        z32 = z.float()
+        if V.decay == "by_lr":
+            u = u + y32 * s[_LAM]
+        y_new = torch.lerp(y32, z32, s[_C])
+        z_new = z32 + u * s[_NEG_DLR]
+        y_new = y_new + u * s[_NEG_DLR_XY]
+        if V.decay == "raw":
+            z_new = z_new + y32 * s[_NEG_LAM]
+            y_new = y_new + y32 * s[_NEG_LAM_XY]
+        _store(z, z_new, table, None if starts is None else starts[1], V)
+    else:
+        y_new = y32 * s[_KEEP] if V.decay == "scale" else y32
+        y_new = y_new + u * s[_NEG_DLR]
+    _store(y, y_new, table, None if starts is None else starts[0], V)
+
+
+# Positions in the per-bucket scalar vector (fp32, on the bucket's device).
+_D, _EPS_TERM, _BETA1, _M_ALPHA, _BETA2, _V_ALPHA, _C, _NEG_DLR, _NEG_DLR_XY, _LAM, _NEG_LAM, _NEG_LAM_XY, \
+    _KEEP = range(13)
+
+
+def _scalars(b: Bucket) -> torch.Tensor:
+    """The step's scalars as one fp32 tensor (computed in double precision like the eager path's Python floats)."""
+    group, sc = b.group, b.sc
+    d, beta1, beta2, dlr = sc["d"], sc["beta1"], sc["beta2"], sc["dlr"]
+    lam = group["weight_decay"]
+    c, xy = sc.get("c", 0.0), sc.get("xy", 1.0)
+    eps = group["eps"]
+    decay = lam * (dlr if group["weight_decay_by_lr"] else 1.0)
+    values = [d, d * eps if eps is not None else 0.0, beta1, (1 - beta1) * d, beta2, (1 - beta2) * d * d, c, -dlr,
+              -dlr * xy, lam, -lam, -lam * xy, 1 - decay]
+    return torch.tensor(values, dtype=torch.float32, device=b.params[0].device)
+
+
+# ------------------------------------------------------------------------------------------ phase A
+def _row_col(b: Bucket, g: torch.Tensor, dr: int, dc: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factored statistics of one 2-D piece: (sum of g^2 over dr, over dc), keepdim, fp32.
+
+    The compiled kernel takes the whole blocks of ROW_BLOCK rows; the last few rows are added eagerly (so the
+    kernel's row count is always a multiple of the block and one graph serves every shape).
+    """
+    main = g.shape[0] - g.shape[0] % ROW_BLOCK
+    if main:
+        rows, cols = _kernel("prodigy_stats", _stats_2d, (g.dtype,))(g)
+    if main < g.shape[0]:
+        tail = g[main:].float().square()
+        tail_rows, tail_cols = tail.sum(1), tail.sum(0)
+        rows, cols = (torch.cat([rows, tail_rows]), cols + tail_cols) if main else (tail_rows, tail_cols)
+    rows, cols = rows.view(-1, 1), cols.view(1, -1)
+    return (cols, rows) if dr == 0 else (rows, cols)
+
+
+@torch.no_grad()
+def statistics(b: Bucket) -> list[torch.Tensor]:
+    """Phase A (same contract as :func:`kernels.statistics`), with the compiled factored statistics."""
+    return kernels.statistics(b, row_col=_row_col)
+
+
+# ------------------------------------------------------------------------------------------ phase B
+def _factors(b: Bucket, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Update the factored second moment of tensor ``i`` (small vectors, eager, the same operations as the eager
+    path) and return the two factors of the estimate as 1-D vectors: one per row, one per column of the piece."""
+    st, row, col, (dr, dc), layout = b.states[i], b.row_parts[i], b.col_parts[i], b.dims[i], b.layouts[i]
+    d, beta2 = b.sc["d"], b.sc["beta2"]
+    r, c = st["exp_avg_sq_row"], st["exp_avg_sq_col"]
+    shape = layout.global_shape
+    r.mul_(beta2).add_(row.mul_(1.0 / shape[dr]), alpha=(1 - beta2) * d * d)
+    c.mul_(beta2).add_(col.mul_(1.0 / shape[dc]), alpha=(1 - beta2) * d * d)
+    sums = b.r_sums.get(i)
+    total = sums[1:2] if sums is not None else r.sum(dim=dc, keepdim=True)
+    rn = r / total.div(shape[dc]).add_(1e-30)
+    return (c.reshape(-1), rn.reshape(-1)) if dr == 0 else (rn.reshape(-1), c.reshape(-1))  # rows, then cols
+
+
+@torch.no_grad()
+def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
+    """Phase B (same contract as :func:`kernels.update`): yields the StableAdamW sums when that option is on."""
+    V = variant(b)
+    assert V is not None, "compiled.update on a bucket it does not support"
+    s = _scalars(b)
+    sc = b.sc
+    n = len(b.params)
+    key = tuple(V)
+    if V.full:
+        flat = lambda t: t.reshape(-1)  # noqa: E731  (elementwise: one 1-D graph for every shape)
+        factors = [(None, None)] * n
+    else:
+        flat = lambda t: t  # noqa: E731
+        factors = [_factors(b, i) for i in range(n)]
+    ms = [flat(st["exp_avg"]) if not V.schedulefree else None for st in b.states]
+    vs = [flat(st["exp_avg_sq"]) if V.full else None for st in b.states]
+    gs = [flat(g) for g in b.grads]
+    scales: list[torch.Tensor | None] = [None] * n
+    if V.stable:
+        rms_k = _kernel("prodigy_rms", _rms_pass, key)
+        uu = torch.stack([rms_k(g, a, c, m, v, s, V) for g, (a, c), m, v in zip(gs, factors, ms, vs)])
+        yield [uu]
+        numels = torch.tensor([lay.global_numel for lay in b.layouts], dtype=torch.float32, device=uu.device)
+        scales = list((uu / numels).sqrt().clamp_min(1.0).sqrt().unbind(0))
+
+    if not sc["prodigy_active"]:
+        for st in b.states:
+            st.pop("p0", None)
+            st.pop("s", None)
+
+    upd = _kernel("prodigy_update", _update_pass, key + (V.stable,))
+    table = _table(b.params[0].device, b.sr_seed) if V.storage == "sr" else None
+    for i in range(n):
+        starts = None
+        if V.storage == "sr":
+            off = b.layouts[i].flat_offset
+            starts = torch.tensor(rounding_starts(sc["k"], off), dtype=torch.int64, device=b.params[i].device)
+        a, c = factors[i]
+        z = flat(b.states[i]["z"]) if V.schedulefree else None
+        # (detached: dynamo gives nn.Parameter inputs static shapes, which would recompile per shape)
+        upd(gs[i], a, c, ms[i], vs[i], flat(b.params[i].detach()), z, scales[i], s, table, starts, V, V.stable)
+
+
+def rounding_starts(step: int, flat_offset: int) -> tuple[int, int]:
+    """Start positions in the noise table of the y and z streams (as rounding.copy_stochastic_ computes them)."""
+    return _mix(step, 0, flat_offset) % TABLE_SIZE, _mix(step, 1, flat_offset) % TABLE_SIZE
+

@@ -1,0 +1,161 @@
+"""The compiled fast path (prodigy_dist.compiled) equals the eager path, compiles once, and is chosen as documented.
+
+Compiled kernels are cached per process (prodigy_dist.compiled._kernels), so the variants below pay their compile
+time once for the whole file; the tensor shapes are chosen so that every test reuses the same graphs (all 2-D
+tensors have >= 64 rows and > 4096 elements: inductor specialises its reductions on those size ranges).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from prodigy_dist import ProdigyPlusScheduleFree, compiled
+
+from .test_reduction import CountingReducer
+
+# (rows, cols): factored along dim 0 and along dim 1, a row count that is not a multiple of the block; a 1-D tensor
+# (full second moment).
+SHAPES = [(96, 64), (64, 200), (70, 48), (4200,)]
+
+VARIANTS = {
+    "default": {},
+    "eps=None": dict(eps=None),
+    "weight_decay": dict(weight_decay=0.1),
+    "weight_decay_raw": dict(weight_decay=0.01, weight_decay_by_lr=False),
+    "prodigy_mode": dict(use_schedulefree=False, weight_decay=0.1),
+    "unfactored": dict(factored=False),
+}
+
+
+def make_params(dtype: torch.dtype, seed: int = 0) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.1).to(dtype)) for s in SHAPES]
+
+
+def set_grads(params, step: int) -> None:
+    """Gradients of a quadratic pulling every weight towards 1, plus noise (so that d grows)."""
+    gen = torch.Generator().manual_seed(100 + step)
+    for p in params:
+        p.grad = ((p.detach().float() - 1.0) * 0.1 + torch.randn(p.shape, generator=gen) * 0.01).to(p.dtype)
+
+
+def run(fast_path: str, options: dict, dtype: torch.dtype, steps: int = 4, reducer=None):
+    params = make_params(dtype)
+    # d0 large enough that d grows within a few steps (so the test covers changing d)
+    opt = ProdigyPlusScheduleFree(params, fast_path=fast_path, d0=1e-3, **options)
+    if reducer is not None:
+        opt._reducer = reducer
+    for step in range(steps):
+        set_grads(params, step)
+        opt.step()
+    return params, opt
+
+
+def assert_close(pa, oa, pb, ob, dtype):
+    """fp32: equal to a few ulps; bf16: the rounded values equal except a few elements one bf16 ulp apart."""
+    assert [g["d"] for g in oa.param_groups] == pytest.approx([g["d"] for g in ob.param_groups], rel=1e-6)
+    pairs = [(a, b) for a, b in zip(pa, pb)]
+    for a, b in zip(pa, pb):
+        for key, value in oa.state[a].items():
+            if torch.is_tensor(value):
+                pairs.append((value, ob.state[b][key]))
+    for a, b in pairs:
+        low_precision = a.dtype == torch.bfloat16
+        a, b = a.detach().float(), b.detach().float()
+        scale = b.abs().max().clamp_min(1e-30)
+        if not low_precision:  # fp32 (also the fp32 factored statistics of bf16 parameters)
+            assert ((a - b).abs().max() / scale).item() < (2e-6 if dtype == torch.float32 else 1e-5)
+        else:
+            differ = (a != b).float().mean().item()
+            assert differ < 2e-3, differ
+            assert ((a - b).abs() <= b.abs() * 2 ** -7 + 1e-30).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_compiled_equals_eager(variant, dtype):
+    options = VARIANTS[variant]
+    pe, oe = run("eager", options, dtype)
+    pc, oc = run("compiled", options, dtype)
+    assert oe.param_groups[0]["d"] > 1e-3  # d moved: the steps used several values of d
+    assert_close(pc, oc, pe, oe, dtype)
+    assert set(_impls(oc, pc)) == {compiled}
+
+
+@pytest.mark.parametrize("variant", ["default", "prodigy_mode"])
+def test_compiled_under_lockstep_reducer_equals_eager(variant):
+    """Under a reducer (the sharded code path on one process): same collectives, same sizes, same results."""
+    options = VARIANTS[variant]
+    re, rc = CountingReducer(), CountingReducer()
+    pe, oe = run("eager", options, torch.float32, reducer=re)
+    pc, oc = run("compiled", options, torch.float32, reducer=rc)
+    assert rc.flushes == re.flushes and rc.collectives == re.collectives > 0
+    assert_close(pc, oc, pe, oe, torch.float32)
+
+
+def test_no_recompilation_when_d_and_step_change():
+    from torch._dynamo.utils import counters
+
+    params = make_params(torch.float32)
+    opt = ProdigyPlusScheduleFree(params, fast_path="compiled", d0=1e-3)
+    set_grads(params, 0)
+    opt.step()
+    graphs = counters["stats"]["unique_graphs"]
+    ds = set()
+    for step in range(1, 5):
+        set_grads(params, step)
+        opt.param_groups[0]["d"] *= 1.5  # new d (and with it every coefficient) and a new step count each time
+        ds.add(opt.param_groups[0]["d"])
+        opt.step()
+    assert len(ds) == 4 and opt.param_groups[0]["k"] == 6
+    assert counters["stats"]["unique_graphs"] == graphs
+    # a model with other shapes (same size ranges) reuses the same graphs too
+    others = [torch.nn.Parameter(torch.randn(s) * 0.1) for s in [(128, 80), (72, 300), (5000,)]]
+    opt2 = ProdigyPlusScheduleFree(others, fast_path="compiled", d0=1e-3)
+    for p in others:
+        p.grad = torch.randn_like(p) * 0.01
+    opt2.step()
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_fast_path_option_is_validated():
+    with pytest.raises(ValueError, match="'fast'"):
+        ProdigyPlusScheduleFree(make_params(torch.float32), fast_path="fast")
+
+
+def _impls(opt, params):
+    from prodigy_dist.scalars import step_scalars
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    return [b.impl for b in opt._buckets([(0, p) for p in params], [step_scalars(opt.param_groups[0])])]
+
+
+def test_selection(monkeypatch):
+    params = make_params(torch.float32)
+    # unsupported options run the eager kernels whatever fast_path says
+    assert set(_impls(ProdigyPlusScheduleFree(params, fast_path="compiled", use_cautious=True), params)) == {None}
+    assert set(_impls(ProdigyPlusScheduleFree(params, fast_path="compiled"), params)) == {compiled}
+    assert set(_impls(ProdigyPlusScheduleFree(params, fast_path="eager"), params)) == {None}
+    # auto on a CPU: a small model stays eager (no compile time); a large one compiles its large tensors only
+    assert set(_impls(ProdigyPlusScheduleFree(params), params)) == {None}
+    monkeypatch.setattr(compiled, "AUTO_CPU_MIN_PARAMS", 0)
+    big = [torch.nn.Parameter(torch.randn(300, 256)), torch.nn.Parameter(torch.randn(40))]
+    impls = _impls(ProdigyPlusScheduleFree(big), big)
+    assert sorted(map(str, impls)) == sorted(map(str, [compiled, None]))
+
+
+def test_compile_failure_is_logged_once_and_runs_eagerly(caplog):
+    def breaks_the_graph(x):
+        torch._dynamo.graph_break()  # fullgraph compilation fails
+        return x * 3.0
+
+    kernel = compiled._Kernel("prodigy_test_failure", breaks_the_graph)
+    x = torch.arange(3.0)
+    with caplog.at_level(logging.WARNING, logger="prodigy_dist.compiled"):
+        assert torch.equal(kernel(x), x * 3.0)
+        assert torch.equal(kernel(x), x * 3.0)
+    warnings = [r for r in caplog.records if "prodigy_test_failure" in r.getMessage()]
+    assert len(warnings) == 1 and kernel.failed
