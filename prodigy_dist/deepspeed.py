@@ -76,6 +76,8 @@ def register_with_torch_optim() -> None:
                        CONFIG_NAME, existing, CONFIG_NAME)
         return
     setattr(torch.optim, CONFIG_NAME, ProdigyPlusScheduleFree)
+    if "deepspeed" in sys.modules:
+        allow_under_zero()
 
 
 def allow_under_zero() -> None:
@@ -264,10 +266,16 @@ class _ZeroBinding(_Binding):
         import torch.distributed as dist
         names = getattr(wrapper, "param_names", None) or {}
         self.groups = getattr(opt, "_ds_all_groups", None)
+        if self.groups is None:  # built before DeepSpeed was imported: the full list, where it can be told
+            full = wrapper.optimizer.param_groups
+            n_groups = len(getattr(wrapper, "bit16_groups", None) or full)
+            if type(wrapper).__name__ == _ZERO3 or len(full) == n_groups:
+                self.groups = opt._ds_all_groups = full
         if self.groups is None:
             raise RuntimeError("ProdigyPlusScheduleFree was built before DeepSpeed was imported, so it cannot find "
-                               "all of its parameter groups under ZeRO: import deepspeed before building the "
-                               "optimizer (or let deepspeed.initialize build it from the config)")
+                               "all of its parameter groups inside a ZeRO step: call "
+                               "prodigy_dist.deepspeed.attach(engine) right after deepspeed.initialize, or import "
+                               "deepspeed before building the optimizer")
         self.calls: list[_Call] = []
         if type(wrapper).__name__ == _ZERO12:
             self.stage = 2 if getattr(wrapper, "partition_gradients", False) else 1

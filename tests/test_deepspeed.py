@@ -42,6 +42,8 @@ OPTION_SETS = {
     "atan2_adopt_wd": {**BASE, "eps": None, "use_adopt": True, "weight_decay": 0.1, "weight_decay_by_lr": False},
     "unfactored_grams": {**BASE, "factored": False, "use_schedulefree": False, "use_grams": True},
     "focus_prodigy_steps": {**BASE, "use_focus": True, "prodigy_steps": 8, "split_groups_mean": False},
+    "no_stableadamw_coefs": {**BASE, "use_stableadamw": False, "d_limiter": False, "d_coef": 0.5,
+                             "schedulefree_c": 10.0, "factored_fp32": False, "beta3": 0.95, "betas": [0.95, 0.98]},
 }
 
 
@@ -61,6 +63,8 @@ def _cases(stage: int) -> list[dict]:
              via="class"),
         dict(name="focus_prodigy_steps", stage=stage, dtype="fp32", options=OPTION_SETS["focus_prodigy_steps"],
              via="config", two_groups=True, steps=12),
+        dict(name="no_stableadamw_coefs", stage=stage, dtype="fp32", options=OPTION_SETS["no_stableadamw_coefs"],
+             via="config", **sub),
         dict(name="config-file", stage=stage, dtype="bf16", options={}, via="file",
              config_file=str(ROOT / "configs" / f"deepspeed_zero{stage}.json"), steps=3),
     ]
