@@ -27,8 +27,8 @@ except ImportError:  # a clone used without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from launch import engines
-from launch.config import ConfigError, Parser, add_config_arguments, check_choice, check_non_negative, \
-    check_positive, resolve
+from launch.config import (ConfigError, Parser, add_config_arguments, check_choice, check_non_negative,
+                           check_positive, describe, resolve)
 from launch.metrics import MetricsLog
 
 EXAMPLE = "image_classification"
@@ -130,7 +130,8 @@ def train(config: DigitsConfig, runtime: engines.Runtime) -> list[dict]:
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = Parser(prog="image_classification.py", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="image_classification.py", description=__doc__.split("\n\n")[0],
+                    epilog=describe(DigitsConfig()))
     add_config_arguments(parser, DigitsConfig.engine)
     args = parser.parse_args(argv)
     return resolve(DigitsConfig(), args, EXAMPLE), args

@@ -40,7 +40,7 @@ except ImportError:  # a clone used without `pip install -e .`
 
 from launch import checkpoints, engines
 from launch.config import (ConfigError, Parser, add_config_arguments, check_choice, check_non_negative,
-                           check_positive, resolve)
+                           check_positive, describe, resolve)
 from launch.metrics import MetricsLog, plot, read
 
 EXAMPLE = "train_lm"
@@ -190,6 +190,41 @@ def set_mode(model: nn.Module, optimizer: torch.optim.Optimizer, train: bool) ->
         optimizer.train() if train else optimizer.eval()
 
 
+# ---------------------------------------------------------------------------------------------------- output
+class _LineProgress:
+    """Without tqdm: one line every 10% of the run."""
+
+    def __init__(self, total: int, initial: int):
+        self.total, self.n, self.postfix = total, initial, ""
+
+    def set_postfix_str(self, text: str, refresh: bool = False) -> None:
+        self.postfix = text
+
+    def update(self, n: int) -> None:
+        self.n += n
+        if self.n % max(1, self.total // 10) == 0 or self.n == self.total:
+            print(f"step {self.n}/{self.total}  {self.postfix}", flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(config: LMConfig, start_step: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pip install tqdm (in the examples and test extras) for a live bar
+        return _LineProgress(config.steps, start_step)
+    return tqdm(total=config.steps, initial=start_step, desc=config.optimizer, dynamic_ncols=True, mininterval=0.5)
+
+
+def save_plot(path: Path, runs: dict, title: str) -> Path | None:
+    try:
+        return plot(path, runs, title=title)
+    except ImportError:
+        print(f"{EXAMPLE}: no plot ({path.name}): pip install matplotlib", flush=True)
+        return None
+
+
 # ---------------------------------------------------------------------------------------------------- training
 @torch.no_grad()
 def evaluate(model: nn.Module, optimizer, data: torch.Tensor, config: LMConfig, runtime) -> float:
@@ -228,12 +263,7 @@ def train(config: LMConfig, runtime: engines.Runtime, resume: bool, fail_at_step
 
     tokens_per_step = config.batch_size * config.context * runtime.world
     set_mode(model, optimizer, train=True)
-    bar = None
-    if runtime.is_main and config.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=config.steps, initial=start_step, desc=config.optimizer, dynamic_ncols=True,
-                   mininterval=0.5)
+    bar = progress_bar(config, start_step) if runtime.is_main and config.progress else None
     began = time.perf_counter()
     for step in range(start_step + 1, config.steps + 1):
         if config.optimizer == "adamw":
@@ -280,8 +310,8 @@ def train(config: LMConfig, runtime: engines.Runtime, resume: bool, fail_at_step
         if config.optimizer == "prodigy":
             summary["d0"] = config.d0
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        plot(run_dir / "loss_d.png", {config.optimizer: records}, title=f"{EXAMPLE} ({runtime.engine}, "
-             f"{runtime.world} process(es))")
+        save_plot(run_dir / "loss_d.png", {config.optimizer: records}, f"{EXAMPLE} ({runtime.engine}, "
+                  f"{runtime.world} process(es))")
         print(f"{EXAMPLE}: loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f} (eval "
               f"{summary['final_eval_loss']:.3f}); " + ", ".join(f"{k} {v:.3g}" for k, v in summary.items()
                                                               if k.startswith(("d/", "lr/")))
@@ -297,7 +327,7 @@ def compare(config: LMConfig, runtime: engines.Runtime, resume: bool, other: str
     if runtime.is_main:
         runs = {config.optimizer: read(Path(config.out) / "metrics.jsonl"),
                 other: read(Path(other_config.out) / "metrics.jsonl")}
-        path = plot(Path(config.out) / "compare.png", runs, title=f"{EXAMPLE}: {config.optimizer} vs {other}")
+        path = save_plot(Path(config.out) / "compare.png", runs, f"{EXAMPLE}: {config.optimizer} vs {other}")
         finals = ", ".join(f"{k} eval loss {v[-1].get('eval_loss', float('nan')):.3f}" for k, v in runs.items())
         print(f"{EXAMPLE}: {finals}; plot {path}", flush=True)
 
@@ -305,7 +335,8 @@ def compare(config: LMConfig, runtime: engines.Runtime, resume: bool, other: str
 def parse_args(argv: list[str] | None = None):
     """(config, arguments) from the command line; :class:`ConfigError` for any bad input (the launcher calls this
     before starting workers)."""
-    parser = Parser(prog="train_lm.py", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="train_lm.py", description=__doc__.split("\n\n")[0],
+                    epilog=describe(LMConfig()))
     add_config_arguments(parser, LMConfig.engine)
     parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
     parser.add_argument("--compare", choices=("adamw",), help="also train the same job with this optimizer and plot "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,9 @@ def save(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Opti
     if torch.cuda.is_available():
         extra["cuda_rng"] = torch.cuda.get_rng_state()
     torch.save(extra, path / f"rank{runtime.rank}.pt")
-    dcp.save(_model_and_optim(model, optimizer), checkpoint_id=path)
+    with warnings.catch_warnings():  # one process: DCP warns that it saves without a process group, as intended
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(_model_and_optim(model, optimizer), checkpoint_id=path)
     if runtime.is_main:
         for _, old in complete_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

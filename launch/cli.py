@@ -129,9 +129,12 @@ def _deepspeed_command(script_args: list[str]) -> tuple[Path, list[str]]:
     else:
         path = find_config(config)
         try:
-            json.loads(path.read_text())
+            data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}: invalid JSON: {exc}") from None
+        if not isinstance(data, dict) or "example" in data:
+            raise ConfigError(f"{path} is not a DeepSpeed config: --engine deepspeed takes a DeepSpeed JSON such as "
+                              "configs/deepspeed_zero2.json")
         rest = [w for i, w in enumerate(rest) if not (w.startswith("--config") or
                                                       (i > 0 and rest[i - 1] == "--config"))]
         rest = ["--config", str(path)] + rest

@@ -185,3 +185,9 @@ def check_choice(config: Any, name: str, choices: tuple[str, ...]) -> None:
     value = getattr(config, name)
     if value not in choices:
         raise ConfigError(f"invalid value for {name}: {value!r} (expected one of {', '.join(choices)})")
+
+
+def describe(defaults: Any) -> str:
+    """The fields of a config and their defaults, for ``--help``."""
+    return "config fields (set with key=value or in a config file), with their defaults: " + ", ".join(
+        f"{f.name}={getattr(defaults, f.name)!r}" for f in dataclasses.fields(defaults))

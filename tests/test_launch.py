@@ -89,6 +89,7 @@ def test_deepspeed_engine(capsys):
     assert words[-2:] == ["--config", str(ROOT / "configs" / "deepspeed_zero3.json")]
     assert "invalid value for steps: 'x'" in launch_error(capsys, "--engine", "deepspeed", "--steps", "x")
     assert "config file not found" in launch_error(capsys, "--engine", "deepspeed", "--config", "zero9")
+    assert "is not a DeepSpeed config" in launch_error(capsys, "--engine", "deepspeed", "--config", "lm_small")
 
 
 def dry_run(capsys, *argv: str) -> list[str]:
@@ -159,3 +160,17 @@ def test_entry_point_bad_input_one_line():
     assert done.returncode == 2, done.stderr
     assert done.stdout == ""
     assert done.stderr.strip() == "prodigy-dist-launch: error: invalid value for n_layers: -1 (expected > 0)"
+
+
+def test_yaml_config(tmp_path, capsys):
+    import importlib.util
+
+    from launch.config import read_config_file
+
+    path = tmp_path / "short.yaml"
+    path.write_text("example: train_lm\nsteps: 7\nd0: 1.0e-5\n")
+    if importlib.util.find_spec("yaml") is None:
+        assert "install PyYAML" in launch_error(capsys, "--config", str(path))
+    else:
+        assert read_config_file(str(path)) == {"example": "train_lm", "steps": 7, "d0": 1e-5}
+        assert dry_run(capsys, "--config", str(path))[-2:] == ["--config", str(path)]
