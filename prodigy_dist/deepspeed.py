@@ -64,6 +64,8 @@ _UNSUPPORTED_WRAPPERS = {
 #: State keys stored as one flat tensor the size of a ZeRO partition (every element has one); the others are stored
 #: per parameter under "<index>.<key>".
 _FLAT_KEYS = ("z", "exp_avg")
+#: Every parameter's state holds one of these (the second moment), so their presence says the state exists.
+_MARKER_KEYS = ("exp_avg_sq_row", "exp_avg_sq")
 
 
 # ---------------------------------------------------------------------------------------------------- registration
@@ -438,9 +440,13 @@ class _FragmentState(MutableMapping):
     def _own(self) -> list[str]:
         return [k[len(self.prefix):] for k in self.store if isinstance(k, str) and k.startswith(self.prefix)]
 
+    def _initialised(self) -> bool:
+        """Whether this parameter's state exists (every state has one of the second-moment keys), in O(1)."""
+        return any(self.prefix + k in self.store for k in _MARKER_KEYS)
+
     def __getitem__(self, key: str) -> Any:
         if key in _FLAT_KEYS:
-            if key not in self.store or not self._own():
+            if key not in self.store or not self._initialised():
                 raise KeyError(key)
             return self.store[key].narrow(0, self.offset, self.numel)
         return self.store[self.prefix + key]
@@ -465,9 +471,13 @@ class _FragmentState(MutableMapping):
             yield from (k for k in _FLAT_KEYS if k in self.store)
         yield from own
 
-    def __len__(self) -> int:
-        own = self._own()
-        return len(own) + (sum(k in self.store for k in _FLAT_KEYS) if own else 0)
+    def __len__(self) -> int:  # truthiness is asked at every step: O(1) when empty, exact otherwise
+        if not self._initialised():
+            return len(self._own())
+        return len(self._own()) + sum(k in self.store for k in _FLAT_KEYS)
+
+    def __bool__(self) -> bool:
+        return self._initialised()
 
 
 def train(engine: Any) -> None:
