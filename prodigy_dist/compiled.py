@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import types
 from typing import Callable, Generator, NamedTuple
 
@@ -185,6 +186,35 @@ def choose(b: Bucket, fast_path: str, total_params: Callable[[], int], alone: bo
         if (alone and b.scratch is None) or total_params() < AUTO_CPU_MIN_PARAMS:
             return False
     return available(device)
+
+
+def merge(buckets: list[Bucket]) -> list[Bucket]:
+    """Merge the compiled single-tensor buckets of one group and kind into one bucket.
+
+    On one process the eager path steps each large tensor in a bucket of its own (for its scratch buffers); the
+    compiled kernels need no scratch, and one bucket per group and kind runs the per-bucket work (the Prodigy
+    sample, the scalars, the stacking of per-tensor sums) once instead of once per tensor. The d statistics are
+    summed in parameter order whatever the bucketing, so results do not change.
+    """
+    merged: dict[tuple, Bucket] = {}
+    out: list[Bucket] = []
+    for b in buckets:
+        if b.impl is not sys.modules[__name__] or b.scratch is None:
+            out.append(b)
+            continue
+        key = (id(b.group), b.kind, b.muon, b.params[0].dtype, b.params[0].device)
+        m = merged.get(key)
+        if m is None:
+            m = merged[key] = Bucket(group=b.group, sc=b.sc, kind=b.kind, muon=b.muon, params=[], grads=[],
+                                     states=[], layouts=[], dims=[], sr_seed=b.sr_seed, impl=b.impl)
+            out.append(m)
+        m.params += b.params
+        m.grads += b.grads
+        m.states += b.states
+        m.layouts += b.layouts
+        m.dims += b.dims
+        m.positions += b.positions
+    return out
 
 
 # ------------------------------------------------------------------------------------------ the kernels

@@ -18,7 +18,7 @@ from .test_reduction import CountingReducer
 
 # (rows, cols): factored along dim 0 and along dim 1, a row count that is not a multiple of the block; a 1-D tensor
 # (full second moment).
-SHAPES = [(96, 64), (64, 200), (70, 48), (4200,)]
+SHAPES = [(96, 64), (64, 200), (70, 64), (4200,)]
 
 VARIANTS = {
     "default": {},
