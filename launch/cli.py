@@ -156,6 +156,9 @@ def build_command(argv: list[str]) -> tuple[str, list[str], bool]:
     a dry run."""
     torchrun_args, rest = split_torchrun_args(argv)
     ours, script_args = _parser().parse_known_args(rest)
+    if not ours.script and not EXAMPLES.is_dir():
+        raise ConfigError(f"no examples/ next to the launch package ({ROOT}): install from a clone with "
+                          "pip install -e . (or name a script with --script)")
     engine = _option_value(script_args, "--engine")
     if "engine=deepspeed" in script_args:
         engine = "deepspeed"

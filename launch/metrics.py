@@ -66,7 +66,7 @@ def plot(path: Path, runs: dict[str, list[dict[str, Any]]], title: str = "") -> 
         keys = sorted({k for r in records for k in r if k.startswith(("d/", "lr/"))})
         for key in keys:
             steps, values = _series(records, key)
-            ax_d.plot(steps, values, label=f"{label} {key}")
+            ax_d.plot(steps, values, "--" if key.startswith("lr/") else "-", label=f"{label} {key}")
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("loss")
     ax_loss.legend(fontsize=8)
