@@ -10,7 +10,6 @@ otherwise run a fake zero-gradient step to create the state.
 
 from __future__ import annotations
 
-import logging
 import re
 import shutil
 import warnings
@@ -24,8 +23,6 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from .engines import Runtime
-
-logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"step_(\d+)$")
 

@@ -10,7 +10,6 @@ so every example also works without a launcher.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import sys
@@ -19,8 +18,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-
-logger = logging.getLogger(__name__)
 
 ENGINES = ("fsdp2", "ddp", "deepspeed", "single")
 DISTRIBUTED = ("fsdp2", "ddp", "deepspeed")
