@@ -4,6 +4,10 @@
 """
 
 from .optimizer import ProdigyPlusScheduleFree
+from .deepspeed import register_with_torch_optim as _register_with_torch_optim
+
+# DeepSpeed configs name optimizers through torch.optim: "optimizer": {"type": "ProdigyPlusScheduleFree"}
+_register_with_torch_optim()
 
 __all__ = ["ProdigyPlusScheduleFree"]
 __version__ = "0.1.0"

@@ -22,7 +22,7 @@ from typing import Any, Generator
 import torch
 
 from .layout import SLICE, ParamLayout
-from .muon import muon_direction
+from .muon import Orthogonalise
 from .rounding import write_back_
 
 ATAN2_SCALE = 1.2732395  # 4/pi: Adam-atan2 bounds |u| < 2
@@ -85,6 +85,7 @@ class Bucket:
     positions: list[int] = field(default_factory=list)  # order of each parameter in the optimizer
     sr_seed: int = 0
     scratch: ScratchPool | None = None  # only for a bucket of one tensor that runs start to finish alone
+    impl: Any = None  # module with statistics()/update() for this bucket (prodigy_dist.compiled); None: this one
     # filled by statistics()
     row_parts: list[torch.Tensor] = field(default_factory=list)
     r_sums: dict[int, torch.Tensor] = field(default_factory=dict)  # global sums of R along a sharded dc
@@ -105,8 +106,12 @@ def _sq_norm(t: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ phase A
 @torch.no_grad()
-def statistics(b: Bucket) -> list[torch.Tensor]:
+def statistics(b: Bucket, row_col=None, prodigy_sample=None) -> list[torch.Tensor]:
     """Phase A: fill ``b.row_parts``, ``b.col_parts``, ``b.s_new`` and ``b.stats``; read-only on all state.
+
+    ``row_col(b, g, dr, dc)``: optional replacement for the factored statistics of one piece (the compiled fast
+    path passes its own); returns the fp32 sums of g^2 over dr and over dc, keepdim. ``prodigy_sample(b, stats)``:
+    likewise for :func:`_prodigy_sample`.
 
     Returns the partial sums that must be summed across ranks before phase B (the factored statistics along a
     sharded dim); ``b.stats`` is reduced by the caller together with every other bucket's rows.
@@ -128,9 +133,12 @@ def statistics(b: Bucket) -> list[torch.Tensor]:
                 if layout.sharded:
                     to_reduce += [row, col]
                 continue
-            sq = _fp32(b, 0, g)
-            sq = torch.square(sq, out=_work(b, 0, g))
-            row, col = sq.sum(dim=dr, keepdim=True), sq.sum(dim=dc, keepdim=True)
+            if row_col is not None:
+                row, col = row_col(b, g, dr, dc)
+            else:
+                sq = _fp32(b, 0, g)
+                sq = torch.square(sq, out=_work(b, 0, g))
+                row, col = sq.sum(dim=dr, keepdim=True), sq.sum(dim=dc, keepdim=True)
             b.row_parts.append(row)
             b.col_parts.append(col)
             gsq.append(row.sum())
@@ -150,23 +158,30 @@ def statistics(b: Bucket) -> list[torch.Tensor]:
         gsq = [t.square() for t in torch._foreach_norm(b.grads, dtype=torch.float32)]
     stats[:, GSQ] = torch.stack(gsq)
 
-    sc, group = b.sc, b.group
+    sc = b.sc
     b.s_new = [None] * n
     if sc["prodigy_active"] and not sc["adopt_first"]:
-        data = [st["z"] if group["use_schedulefree"] else p for st, p in zip(b.states, b.params)]
-        gs = [sample(g, lay) for g, lay in zip(b.grads, b.layouts)]
-        es = torch._foreach_sub([st["p0"] for st in b.states], [sample(t, lay) for t, lay in zip(data, b.layouts)])
-        stats[:, DOT] = torch.stack([torch.dot(g.to(e.dtype), e).float() for g, e in zip(gs, es)])
-        if group["use_speed"]:
-            stats[:, ABS_S] = torch.stack(torch._foreach_norm(es, ord=1, dtype=torch.float32))
-            stats[:, L2SQ] = torch.stack([t.square() for t in torch._foreach_norm(es, dtype=torch.float32)])
-        else:
-            s_new = torch._foreach_mul([st["s"] for st in b.states], sc["beta3"])
-            torch._foreach_add_(s_new, gs, alpha=sc["delta"])
-            b.s_new = s_new
-            stats[:, ABS_S] = torch.stack(torch._foreach_norm(s_new, ord=1, dtype=torch.float32))
+        (prodigy_sample or _prodigy_sample)(b, stats)
     b.stats = stats
     return to_reduce
+
+
+def _prodigy_sample(b: Bucket, stats: torch.Tensor) -> None:
+    """The Prodigy statistics on the sampled slice: fills the DOT, ABS_S (and SPEED's L2SQ) columns of ``stats``
+    and ``b.s_new``."""
+    sc, group = b.sc, b.group
+    data = [st["z"] if group["use_schedulefree"] else p for st, p in zip(b.states, b.params)]
+    gs = [sample(g, lay) for g, lay in zip(b.grads, b.layouts)]
+    es = torch._foreach_sub([st["p0"] for st in b.states], [sample(t, lay) for t, lay in zip(data, b.layouts)])
+    stats[:, DOT] = torch.stack([torch.dot(g.to(e.dtype), e).float() for g, e in zip(gs, es)])
+    if group["use_speed"]:
+        stats[:, ABS_S] = torch.stack(torch._foreach_norm(es, ord=1, dtype=torch.float32))
+        stats[:, L2SQ] = torch.stack([t.square() for t in torch._foreach_norm(es, dtype=torch.float32)])
+    else:
+        s_new = torch._foreach_mul([st["s"] for st in b.states], sc["beta3"])
+        torch._foreach_add_(s_new, gs, alpha=sc["delta"])
+        b.s_new = s_new
+        stats[:, ABS_S] = torch.stack(torch._foreach_norm(s_new, ord=1, dtype=torch.float32))
 
 
 def _row_block(t: torch.Tensor, layout: ParamLayout) -> torch.Tensor:
@@ -362,10 +377,12 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
 
     if b.muon and not sc["raw_update"]:
         # Muon: the orthogonalised direction with the RMS of the Adam-path update it replaces (docs/MUON.md).
+        # The directions are computed by the driver (on one process here; sharded: one owner rank per matrix).
         adam_sq = torch.stack([_sq_norm(u) for u in us])
-        yield [adam_sq]
+        request = Orthogonalise(sources, b.layouts)
+        yield [adam_sq, request]
         rms = (adam_sq / torch.tensor(numels, dtype=torch.float32, device=adam_sq.device)).sqrt()
-        us = [muon_direction(src).mul_(r) for src, r in zip(sources, rms)]
+        us = [x.mul_(r) for x, r in zip(request.results, rms)]
 
     # OrthoGrad: two rounds of per-tensor sums (|u - a w| is only known after a); StableAdamW: one round, or none
     # after OrthoGrad, whose sums give the RMS of its result.

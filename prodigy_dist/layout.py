@@ -1,8 +1,9 @@
 """Where each local piece of a parameter sits in the global tensor.
 
 One description covers every case (DISTRIBUTED.md D1): a single process or a DDP replica holds the whole tensor;
-an FSDP2 ``Shard(0)`` piece holds a contiguous block of rows. The math decides factoring and every shape rule from
-``global_shape``, samples the Prodigy statistics on the global flat index, and divides sums by global sizes.
+an FSDP2 ``Shard(0)`` piece holds a contiguous block of rows; a DeepSpeed ZeRO piece (a *fragment*) holds a
+contiguous range of the global flattened tensor, possibly cut mid-row. The math decides factoring and every shape
+rule from ``global_shape``, samples the Prodigy statistics on the global flat index, and divides sums by global sizes.
 Pieces of one tensor held by several ranks are combined over ``group`` (``None`` means nothing to combine).
 """
 

@@ -35,3 +35,22 @@ def muon_direction(g: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
     x = newton_schulz(g.reshape(g.shape[0], -1), steps).reshape(g.shape)
     norm = torch.linalg.vector_norm(x)
     return x.mul_((x.numel() ** 0.5) / norm.clamp_min(1e-30))
+
+
+class Orthogonalise:
+    """A request, yielded by the update kernel, for the Muon directions of a bucket's matrices.
+
+    ``sources`` are the local pieces (fp32) and ``layouts`` where they sit. Whoever drives the kernel fills
+    ``results`` (unit-RMS directions, shaped like the local pieces) before resuming it: on one process with
+    :meth:`run_locally`; with sharded matrices through :func:`prodigy_dist.reduction.orthogonalise`, where each
+    matrix is orthogonalised by exactly one rank.
+    """
+
+    def __init__(self, sources: list[torch.Tensor], layouts: list):
+        self.sources = sources
+        self.layouts = layouts
+        self.results: list[torch.Tensor | None] = [None] * len(sources)
+
+    def run_locally(self, indices=None) -> None:
+        for i in range(len(self.sources)) if indices is None else indices:
+            self.results[i] = muon_direction(self.sources[i])

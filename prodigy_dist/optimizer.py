@@ -20,10 +20,12 @@ from typing import Any, Callable
 
 import torch
 
-from .kernels import ABS_S, DOT, GSQ, L2SQ, Bucket, ScratchPool, sample, statistics, update
+from . import compiled, kernels
+from .kernels import ABS_S, DOT, GSQ, L2SQ, Bucket, ScratchPool, sample
 from .layout import ParamLayout, dtensor_layout, factored_dims, single_process_layout
 from .options import DEFAULTS, GLOBAL_OPTIONS, NONFINITE_POLICIES, log_precedence_rules, validate_group
-from .reduction import Reducer
+from .muon import Orthogonalise
+from .reduction import Reducer, orthogonalise
 from .scalars import harmonic_mean, speed_beta, step_scalars, update_d
 from .sharded_state import SAMPLE_KEYS, exchange_samples, global_state, local_piece
 
@@ -45,6 +47,8 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
         nonfinite_grads: ``"skip"`` (default) skips a step whose gradients hold NaN/Inf on any rank, leaving
             weights, state and d untouched and counting it; ``"raise"`` raises ``FloatingPointError`` instead.
         sr_seed: seed of the stochastic rounding noise (a hash of seed, step and global element index).
+        fast_path: ``"auto"`` (default), ``"compiled"`` or ``"eager"``: which implementation of the step runs
+            (see prodigy_dist.compiled; "auto" compiles on accelerators, and on a CPU for models of 16M+ params).
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.99),
@@ -56,7 +60,10 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
                  use_muon_pp: bool = False, use_cautious: bool = False, use_grams: bool = False,
                  use_adopt: bool = False, use_focus: bool = False, use_orthograd: bool = False,
                  stochastic_rounding: bool = True, schedulefree_c: float = 0.0, use_schedulefree: bool = True,
-                 *, nonfinite_grads: str = "skip", sr_seed: int = 0):
+                 *, nonfinite_grads: str = "skip", sr_seed: int = 0, fast_path: str = "auto"):
+        if fast_path not in compiled.FAST_PATHS:
+            raise ValueError(f"Invalid fast_path: {fast_path!r} (expected one of {compiled.FAST_PATHS})")
+        self.fast_path = fast_path
         if nonfinite_grads not in NONFINITE_POLICIES:
             raise ValueError(f"Invalid nonfinite_grads: {nonfinite_grads!r} (expected one of {NONFINITE_POLICIES})")
         if not isinstance(sr_seed, int) or isinstance(sr_seed, bool) or sr_seed < 0:
@@ -75,6 +82,7 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
         self.nonfinite_grads = nonfinite_grads
         self.sr_seed = sr_seed
         self._reducer = Reducer(None)
+        self._muon_requests: list[Orthogonalise] = []
         self._scratch = ScratchPool()
         self._layouts: dict[int, ParamLayout] = {}
         self._fused = _FusedStepState()
@@ -150,18 +158,9 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
 
     def _resolve_layouts(self, group: dict[str, Any]) -> None:
         """Read the layout of every parameter of a group now: sharded parameters attach the reducer to their
-        process group, and combinations not supported on sharded parameters fail here, not mid-training."""
+        process group (here, not mid-training)."""
         for p in group["params"]:
-            layout = self._layout(p)
-            if not layout.sharded:
-                continue
-            if group["use_muon_pp"] and len(layout.global_shape) >= 2:
-                raise NotImplementedError("use_muon_pp with sharded (FSDP2) matrices is not supported yet: "
-                                          "Newton-Schulz needs the whole matrix. Put the sharded matrices in a "
-                                          "group with use_muon_pp=False")
-            if group["fused_back_pass"]:
-                raise NotImplementedError("fused_back_pass with sharded (FSDP2) parameters is not supported yet; "
-                                          "use fused_back_pass=False")
+            self._layout(p)
 
     def _use_group(self, group: Any) -> None:
         if self._reducer.group is None:
@@ -237,6 +236,8 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
         self._fused.finish(self)
         state_dict = self._local_state_dict(state_dict)
         super().load_state_dict(state_dict)
+        if hasattr(self, "_ds_all_groups"):  # torch replaced the group list (see prodigy_dist.deepspeed)
+            self._ds_all_groups = self.param_groups
         saved = state_dict["state"]
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
             for pid, p in zip(saved_group["params"], group["params"]):
@@ -322,11 +323,13 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
 
     def train(self) -> None:
         """Put the weights in training mode (y, where gradients are taken). Idempotent and cheap."""
-        self._set_mode(True)
+        binding = getattr(self, "_ds_binding", None)  # under DeepSpeed: also refreshes the model weights
+        binding.set_mode(self, True) if binding is not None else self._set_mode(True)
 
     def eval(self) -> None:
         """Put the weights in evaluation mode (the averaged x). Idempotent and cheap."""
-        self._set_mode(False)
+        binding = getattr(self, "_ds_binding", None)  # under DeepSpeed: also refreshes the model weights
+        binding.set_mode(self, False) if binding is not None else self._set_mode(False)
 
     def _check_train_mode(self) -> None:
         for group in self.param_groups:
@@ -393,7 +396,14 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
             b.layouts.append(self._layout(p))
             b.dims.append(dims)
             b.positions.append(order[id(p)][1] if positions is None else positions[id(p)])
-        return list(keyed.values())
+        buckets = list(keyed.values())
+        for b in buckets:  # the compiled fast path where it applies (prodigy_dist.compiled.choose)
+            if compiled.choose(b, self.fast_path, self._total_params, alone):
+                b.impl = compiled
+        return compiled.merge(buckets)
+
+    def _total_params(self) -> int:
+        return sum(self._layout(p).global_numel for g in self.param_groups for p in g["params"])
 
     def _run_step(self, items: list[tuple[int, torch.Tensor]]) -> None:
         scalars = [step_scalars(g) for g in self.param_groups]
@@ -407,7 +417,7 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
 
     def _phase_a(self, buckets: list[Bucket]) -> torch.Tensor:
         for b in buckets:
-            for t in statistics(b):
+            for t in (b.impl or kernels).statistics(b):
                 self._reducer.add(t)
         device = buckets[0].params[0].device if buckets else self._device()
         rows = torch.cat([b.stats for b in buckets]) if buckets else torch.zeros(0, 4, device=device)
@@ -422,25 +432,40 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
         return torch.device("cpu")
 
     def _phase_b(self, buckets: list[Bucket]) -> None:
-        gens = [update(b) for b in buckets]
+        gens = [(b.impl or kernels).update(b) for b in buckets]
         if not self._reducer.active:
             for gen in gens:  # nothing to combine: finish each bucket before starting the next
-                for _ in gen:
-                    pass
+                for items in gen:
+                    self._submit(items)
+                    self._flush()
             return
         while gens:  # lock-step: every bucket reaches its next reduction point, then one collective
             running = []
             for gen in gens:
                 try:
-                    for t in next(gen):
-                        self._reducer.add(t)
+                    self._submit(next(gen))
                     running.append(gen)
                 except StopIteration:
                     pass
             if not running:
                 break
-            self._reducer.flush()
+            self._flush()
             gens = running
+
+    def _submit(self, items: list[Any]) -> None:
+        """Register what an update kernel yielded: partial sums to reduce, and Muon requests."""
+        for t in items:
+            if isinstance(t, Orthogonalise):
+                self._muon_requests.append(t)
+            else:
+                self._reducer.add(t)
+
+    def _flush(self) -> None:
+        """One round: the bucketed all-reduce of the partial sums, then the Muon directions of the round."""
+        self._reducer.flush()
+        requests, self._muon_requests = self._muon_requests, []
+        if requests:
+            orthogonalise(requests, self._reducer)
 
     def _finish_statistics(self, buckets: list[Bucket], rows: torch.Tensor) -> tuple[list[float], list[float]] | None:
         """Turn reduced per-tensor rows into per-group (numerator, denominator); the step's one host sync.
@@ -608,11 +633,12 @@ class _FusedStepState:
         order = opt._param_order()
         gi = order[id(p)][0] if group is None else next(i for i, g in enumerate(opt.param_groups) if g is group)
         (b,) = opt._buckets([(gi, p)], self.scalars)
-        for t in statistics(b):
+        for t in (b.impl or kernels).statistics(b):
             opt._reducer.add(t)
         opt._reducer.flush()
-        for _ in update(b):
-            opt._reducer.flush()
+        for items in (b.impl or kernels).update(b):
+            opt._submit(items)
+            opt._flush()
         self.done[id(p)] = order[id(p)][1]
         self.buckets.append((order[id(p)][1], b))
         self._queue_finish(opt)

@@ -29,6 +29,21 @@ class ShardModel(torch.nn.Module):
         return out + self.side(h) if step % 2 == 0 else out
 
 
+def groups(model, options: dict):
+    """(params, options) for the optimizer; ``two_groups=True`` puts the 1-D tensors in a second group with its
+    own d (split_groups) and no weight decay."""
+    options = dict(options)
+    if not options.pop("two_groups", False):
+        return model.parameters(), options
+    return ([{"params": [p for p in model.parameters() if p.dim() >= 2]},
+             {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}], options)
+
+
+def _new(cls, model, options):
+    params, options = groups(model, options)
+    return cls(params, **options)
+
+
 def batch(step: int):
     g = torch.Generator().manual_seed(100 + step)
     return torch.randint(0, 50, (8, 6), generator=g), torch.randn(8, 2, generator=g)
@@ -38,7 +53,7 @@ def train(model, opt, steps, full=lambda p: p, start=0):
     for step in range(start, start + steps):
         tokens, target = batch(step)
         opt.zero_grad(set_to_none=True)
-        ((model(tokens, step) - target) ** 2).mean().backward()
+        ((model(tokens, step).float() - target) ** 2).mean().backward()
         opt.step()
     return {n: full(p.detach()).clone() for n, p in model.named_parameters()}
 
@@ -47,20 +62,20 @@ def single_process(options: dict, steps: int):
     from prodigy_dist import ProdigyPlusScheduleFree
     torch.manual_seed(0)
     model = ShardModel()
-    opt = ProdigyPlusScheduleFree(model.parameters(), **options)
+    opt = _new(ProdigyPlusScheduleFree, model, options)
     params = train(model, opt, steps)
     return params, [g["d"] for g in opt.param_groups]
 
 
 
 
-def fsdp2_model(world: int, mesh_shape: tuple[int, ...] | None = None):
+def fsdp2_model(world: int, mesh_shape: tuple[int, ...] | None = None, dtype=torch.float32):
     """ShardModel with every layer and the root under fully_shard (HSDP with ``mesh_shape=(replicas, shards)``)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
-    model = ShardModel()
+    model = ShardModel().to(dtype)
     if mesh_shape:
         mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("replicate", "shard"))
     else:
@@ -78,35 +93,35 @@ def _all_d(opt, world: int) -> list[list[float]]:
     return [t.tolist() for t in all_d]
 
 
-def fsdp2_worker(rank: int, world: int, options: dict, steps: int, mesh_shape=None):
+def fsdp2_worker(rank: int, world: int, options: dict, steps: int, mesh_shape=None, dtype=torch.float32):
     from prodigy_dist import ProdigyPlusScheduleFree
 
-    model = fsdp2_model(world, mesh_shape)
-    opt = ProdigyPlusScheduleFree(model.parameters(), **options)
-    params = train(model, opt, steps, full=lambda p: p.full_tensor())
+    model = fsdp2_model(world, mesh_shape, dtype)
+    opt = _new(ProdigyPlusScheduleFree, model, options)
+    params = train(model, opt, steps, full=lambda p: p.full_tensor().float())
     all_d = _all_d(opt, world)
     rows = {n: p.to_local().shape[0] for n, p in model.named_parameters()}
-    return {"params": params, "d": all_d, "rows": rows, "collectives": opt._reducer.collectives} if rank == 0 \
-        else {"rows": rows}
+    local = {n: p.to_local().detach().clone() for n, p in model.named_parameters()}
+    return {"params": params, "d": all_d, "rows": rows, "collectives": opt._reducer.collectives,
+            "local": local} if rank == 0 else {"rows": rows, "local": local}
 
 
-def errors_worker(rank: int, world: int):
-    """Unsupported sharded combinations raise clear errors instead of computing something else."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+def fused_worker(rank: int, world: int, options: dict, steps: int):
+    """FSDP2 with the fused backward pass: FSDP2 runs the post-accumulate-grad hooks on the sharded parameters
+    after each reduce-scatter; the parameters are stepped there and the step is finished at the end of backward."""
+    from prodigy_dist import ProdigyPlusScheduleFree, fused_backward
 
-    from prodigy_dist import ProdigyPlusScheduleFree
-
-    model = ShardModel()
-    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
-    messages = []
-    for options in (dict(use_muon_pp=True), dict(fused_back_pass=True)):
-        try:
-            ProdigyPlusScheduleFree(model.parameters(), **options)
-            messages.append("no error")
-        except NotImplementedError as e:
-            messages.append(str(e))
-    return messages
+    model = fsdp2_model(world)
+    opt = ProdigyPlusScheduleFree(model.parameters(), fused_back_pass=True, **options)
+    fused_backward.attach(opt)
+    for step in range(steps):
+        tokens, target = batch(step)
+        ((model(tokens, step) - target) ** 2).mean().backward()
+        opt.step()  # a no-op: the hooks stepped and the end-of-backward callback finished the step
+    grads_left = sum(p.grad is not None for p in model.parameters())
+    params = {n: p.detach().full_tensor() for n, p in model.named_parameters()}
+    return {"params": params, "d": _all_d(opt, world), "k": opt.param_groups[0]["k"], "grads_left": grads_left,
+            "collectives": opt._reducer.collectives}
 
 
 def ddp_worker(rank: int, world: int, options: dict, steps: int):
@@ -118,7 +133,7 @@ def ddp_worker(rank: int, world: int, options: dict, steps: int):
     options = dict(options)
     model = ShardModel().to(options.pop("dtype", torch.float32))
     ddp = DistributedDataParallel(model, find_unused_parameters=True)
-    opt = ProdigyPlusScheduleFree(model.parameters(), **options)
+    opt = _new(ProdigyPlusScheduleFree, model, options)
     for step in range(steps):
         tokens, target = batch(step)
         opt.zero_grad(set_to_none=True)
@@ -142,7 +157,7 @@ def dcp_save_worker(rank: int, world: int, ckpt: str, options: dict, steps: int)
     from prodigy_dist import ProdigyPlusScheduleFree
 
     model = fsdp2_model(world)
-    opt = ProdigyPlusScheduleFree(model.parameters(), **options)
+    opt = _new(ProdigyPlusScheduleFree, model, options)
     train(model, opt, steps)
     dcp.save(_dcp_state(model, opt), checkpoint_id=ckpt)
     return _all_d(opt, world)
@@ -158,7 +173,7 @@ def dcp_resume_worker(rank: int, world: int, ckpt: str, options: dict, start: in
     from prodigy_dist import ProdigyPlusScheduleFree
 
     model = fsdp2_model(world)
-    opt = ProdigyPlusScheduleFree(model.parameters(), **options)
+    opt = _new(ProdigyPlusScheduleFree, model, options)
     if explicit_init:
         opt.init_state()
     state = _dcp_state(model, opt)
@@ -179,10 +194,57 @@ def dcp_resume_single(ckpt: str, options: dict, start: int, steps: int):
 
     torch.manual_seed(0)
     model = ShardModel()
-    opt = ProdigyPlusScheduleFree(model.parameters(), **options)
+    opt = _new(ProdigyPlusScheduleFree, model, options)
     opt.init_state()
     state = _dcp_state(model, opt)
     dcp.load(state, checkpoint_id=ckpt)
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     params = train(model, opt, steps, start=start)
     return params, [g["d"] for g in opt.param_groups]
+
+
+def muon_count_worker(rank: int, world: int, steps: int):
+    """FSDP2 + Muon, counting the Newton-Schulz runs of this rank."""
+    import prodigy_dist.muon as muon
+    from prodigy_dist import ProdigyPlusScheduleFree
+
+    calls = []
+    original = muon.newton_schulz
+
+    def counting(g, *args, **kwargs):
+        calls.append(tuple(g.shape))
+        return original(g, *args, **kwargs)
+
+    muon.newton_schulz = counting
+    try:
+        model = fsdp2_model(world)
+        opt = ProdigyPlusScheduleFree(model.parameters(), use_muon_pp=True)
+        train(model, opt, steps)
+    finally:
+        muon.newton_schulz = original
+    return {"calls": calls, "collectives": opt._reducer.collectives}
+
+
+def collectives_worker(rank: int, world: int, n_layers: int, options: dict, steps: int):
+    """Collectives per step on an FSDP2 model of ``2 * n_layers`` tensors (weights and biases, each layer sharded)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from prodigy_dist import ProdigyPlusScheduleFree
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(40, 40) for _ in range(n_layers)])
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = _new(ProdigyPlusScheduleFree, model, options)
+    counts = []
+    for step in range(steps):
+        x = torch.randn(4, 40, generator=torch.Generator().manual_seed(step))
+        opt.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        before = opt._reducer.collectives
+        opt.step()
+        counts.append(opt._reducer.collectives - before)
+    return {"counts": counts, "tensors": len(list(model.parameters())), "d": _all_d(opt, world)}
