@@ -37,7 +37,7 @@ from typing import Callable, Generator, NamedTuple
 import torch
 
 from . import kernels
-from .kernels import ATAN2_SCALE, Bucket
+from .kernels import ABS_S, ATAN2_SCALE, DOT, L2SQ, Bucket
 from .rounding import TABLE_SIZE, _mix, _table
 
 logger = logging.getLogger(__name__)
@@ -230,6 +230,24 @@ def _stats_2d(g):
     return sq.sum(1), sq.view(blocks, ROW_BLOCK, n).sum(1).sum(0)
 
 
+def _sample_pass(gs, ds, p0, s, sv, speed: bool):
+    """The Prodigy statistics of one tensor on its sampled slice (every 11th element; ``gs`` and ``ds`` are strided
+    views of the gradient and of z or y): dot(g, p0 - x), then sum|s_new| and s_new, or SPEED's |p0 - x| norms.
+    Intermediates are rounded like the eager path's (p0 and s are bf16 for fp32 parameters)."""
+    e_dtype = torch.promote_types(p0.dtype, ds.dtype)
+    e = _as(p0.float() - ds.float(), e_dtype)
+    dot = _as((_as(gs.float(), e_dtype) * e).sum(), e_dtype)
+    if speed:
+        return dot, e.abs().sum(), (e * e).sum(), None
+    s1 = _as(s.float() * sv[0], s.dtype)
+    if gs.dtype == s.dtype and s.dtype != torch.float32:
+        # the eager add_ of a strided bf16 tensor with alpha rounds alpha, then alpha * g, to bf16
+        s_new = _as(s1 + _as(gs.float() * _as(sv[1], s.dtype), s.dtype), s.dtype)
+    else:
+        s_new = _as(s1 + gs.float() * sv[1], s.dtype)
+    return dot, s_new.abs().sum(), None, s_new.to(s.dtype)
+
+
 def _as(x, dtype: torch.dtype):
     """``x`` rounded to ``dtype`` (round to nearest) and back to fp32: the eager path's intermediate roundings."""
     return x if dtype == torch.float32 else x.to(dtype).float()
@@ -359,10 +377,29 @@ def _row_col(b: Bucket, g: torch.Tensor, dr: int, dc: int) -> tuple[torch.Tensor
     return (cols, rows) if dr == 0 else (rows, cols)
 
 
+def _prodigy_sample(b: Bucket, stats: torch.Tensor) -> None:
+    """Compiled replacement of kernels._prodigy_sample: one fused kernel per tensor over its sampled slice."""
+    sc, group = b.sc, b.group
+    speed = group["use_speed"]
+    sv = torch.tensor([sc["beta3"], sc["delta"]], dtype=torch.float32, device=stats.device)
+    outs = []
+    for g, p, st, layout in zip(b.grads, b.params, b.states, b.layouts):
+        data = st["z"] if group["use_schedulefree"] else p.detach()
+        k = _kernel("prodigy_sample", _sample_pass, (g.dtype, data.dtype, st["p0"].dtype, speed))
+        outs.append(k(kernels.sample(g, layout), kernels.sample(data, layout), st["p0"], st.get("s"), sv, speed))
+    stats[:, DOT] = torch.stack([o[0] for o in outs]).float()
+    stats[:, ABS_S] = torch.stack([o[1] for o in outs])
+    if speed:
+        stats[:, L2SQ] = torch.stack([o[2] for o in outs])
+    else:
+        b.s_new = [o[3] for o in outs]
+
+
 @torch.no_grad()
 def statistics(b: Bucket) -> list[torch.Tensor]:
-    """Phase A (same contract as :func:`kernels.statistics`), with the compiled factored statistics."""
-    return kernels.statistics(b, row_col=_row_col)
+    """Phase A (same contract as :func:`kernels.statistics`), with the compiled factored statistics and Prodigy
+    sample."""
+    return kernels.statistics(b, row_col=_row_col, prodigy_sample=_prodigy_sample)
 
 
 # ------------------------------------------------------------------------------------------ phase B
