@@ -58,7 +58,8 @@ def param_groups(model, options: dict, two_groups: bool):
     return [{"params": matrices}, {"params": vectors, "weight_decay": 0.0}]
 
 
-def ds_config(stage: int, dtype: str, options: dict, via: str, world: int, accum: int, sub_group: int | None):
+def ds_config(stage: int, dtype: str, options: dict, via: str, world: int, accum: int, sub_group: int | None,
+              offload: bool = False):
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 8 // world,
         "gradient_accumulation_steps": accum,
@@ -67,6 +68,8 @@ def ds_config(stage: int, dtype: str, options: dict, via: str, world: int, accum
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
+    if offload:
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     if stage == 3 and sub_group is not None:
         cfg["zero_optimization"]["sub_group_size"] = sub_group
     if stage in (1, 2):
@@ -129,7 +132,7 @@ def run_case(rank: int, world: int, case: dict) -> dict:
         cfg["train_micro_batch_size_per_gpu"] = 8 // world
         options = cfg["optimizer"]["params"]
     else:
-        cfg = ds_config(stage, dtype, options, via, world, accum, case.get("sub_group"))
+        cfg = ds_config(stage, dtype, options, via, world, accum, case.get("sub_group"), case.get("offload", False))
     groups = param_groups(model, options, case.get("two_groups", False))
     kwargs: dict[str, Any] = {}
     if via == "class":

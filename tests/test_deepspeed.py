@@ -78,6 +78,9 @@ def _cases(stage: int) -> list[dict]:
                       **sub))
     cases.append(dict(name="muon-bf16-2groups", stage=stage, dtype="bf16", options={**BASE, "use_muon_pp": True},
                       via="class", two_groups=True))
+    if stage >= 1:  # ZeRO-Offload: the partitions and the optimizer state live on the CPU (here: the same device)
+        cases.append(dict(name="offload", stage=stage, dtype="bf16", options=BASE, via="config", offload=True,
+                          steps=10))
     if stage == 2:
         cases.append(dict(name="checkpoint", stage=2, dtype="fp32", options=BASE, via="config", checkpoint=True))
         # the published package under the same config, for the README's comparison
@@ -132,12 +135,21 @@ def _close_state(got: dict, want: dict, rtol: float) -> None:
                                            w.dtype == torch.bfloat16 else 0), msg=lambda m: f"{name}.{key}: {m}")
 
 
-NAMES = [c["name"] for c in _cases(2) if c["name"] not in ("checkpoint", "upstream", "upstream-unsplit")]
+NAMES = [c["name"] for c in _cases(0)]
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "config-file"])
 def test_zero_matches_one_process(stage, name):
+    _check_case(stage, name)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_offload_matches_one_process(stage):
+    _check_case(stage, "offload")
+
+
+def _check_case(stage: int, name: str) -> None:
     r0, r1 = _case(stage, name)
     case = r0["case"]
     options, steps, accum = case["options"], case.get("steps", STEPS), case.get("accum", 1)
