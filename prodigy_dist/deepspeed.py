@@ -187,6 +187,18 @@ def _bind(opt, wrapper, engine) -> "_Binding":
     return binding
 
 
+def _comm_device(group: Any) -> torch.device:
+    """Where collective buffers must live for ``group``: the CPU for gloo, else DeepSpeed's accelerator device."""
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_backend(group) == "gloo":
+        return torch.device("cpu")
+    try:
+        from deepspeed.accelerator import get_accelerator
+        return torch.device(get_accelerator().current_device_name())
+    except Exception:  # DeepSpeed's accelerator unavailable: the current CUDA device
+        return torch.device("cuda", torch.cuda.current_device())
+
+
 def _warn_clipping(value: float) -> None:
     logger.warning("DeepSpeed gradient_clipping=%g rescales the gradients before ProdigyPlusScheduleFree sees them: "
                    "d is estimated from the clipped gradients and clipped steps are taken at the unclipped step size "
@@ -308,6 +320,12 @@ class _ZeroBinding(_Binding):
                                        f"the flat fp32 partition has {flat.numel()}; this DeepSpeed version lays out "
                                        f"partitions differently from 0.19.8 (please report)")
                 self.calls.append(_Call(flat, wrapper.sub_group_to_group_id[j], pieces))
+        offloaded = getattr(wrapper, "cpu_offload", False) or getattr(wrapper, "offload_optimizer", False)
+        if offloaded and self.calls and _comm_device(self.calls[0].pieces[0].layout.group).type != "cpu":
+            raise NotImplementedError("ZeRO-Offload with an accelerator is not supported yet: the optimizer's "
+                                      "per-step sums live on the CPU with the offloaded partitions, but the process "
+                                      "group needs accelerator tensors. Remove offload_optimizer (ZeRO-Offload with "
+                                      "the CPU accelerator and gloo works)")
         for call in self.calls:
             for piece in call.pieces:
                 if piece.layout.flat_numel and piece.offset + piece.layout.flat_numel > call.flat.numel():
@@ -343,12 +361,14 @@ class _ZeroBinding(_Binding):
                     ranges.append((r * per_rank if n else 0, n))
                 out[id(piece.layout)] = ranges
             return out
-        mine = torch.tensor([[p.layout.flat_start, p.layout.flat_numel] for p in pieces], dtype=torch.int64)
+        mine = torch.tensor([[p.layout.flat_start, p.layout.flat_numel] for p in pieces], dtype=torch.int64,
+                            device=_comm_device(group))
         if world > 1:
             every = [torch.empty_like(mine) for _ in range(world)]
             dist.all_gather(every, mine, group=group)
         else:
             every = [mine]
+        every = [t.cpu() for t in every]
         return {id(p.layout): [tuple(int(v) for v in every[r][k]) for r in range(world)]
                 for k, p in enumerate(pieces)}
 
@@ -498,6 +518,7 @@ def orthogonalise_fragments(requests: list, reducer: Any, ranges: dict[int, list
         owners.append(owner)
         spans.append(ranges[id(lay)] if active else [(lay.flat_start, lay.flat_numel)])
     device = frags[0][0].sources[frags[0][1]].device
+    comm = _comm_device(reducer.group) if active else device
     mine = [k for k, o in enumerate(owners) if o == me]
 
     def exchange(parts_for: list[list[torch.Tensor]], recv_counts: list[int]) -> list[torch.Tensor]:
@@ -505,11 +526,11 @@ def orthogonalise_fragments(requests: list, reducer: Any, ranges: dict[int, list
                 for parts in parts_for]
         if not active:
             return send
-        recv = torch.empty(sum(recv_counts), dtype=torch.float32, device=device)
-        dist.all_to_all_single(recv, torch.cat(send), output_split_sizes=recv_counts,
+        recv = torch.empty(sum(recv_counts), dtype=torch.float32, device=comm)
+        dist.all_to_all_single(recv, torch.cat(send).to(comm), output_split_sizes=recv_counts,
                                input_split_sizes=[t.numel() for t in send], group=reducer.group)
         reducer.collectives += 1
-        return list(recv.split(recv_counts))
+        return list(recv.to(device).split(recv_counts))
 
     # 1. every rank's fragments to the owners
     got = exchange([[req.sources[i] for k, (req, i) in enumerate(frags) if owners[k] == j] for j in range(world)],
@@ -715,7 +736,9 @@ def _sum_disjoint(tensors: list[torch.Tensor], group: Any) -> None:
     for dtype in sorted(by_dtype, key=str):
         ts = by_dtype[dtype]
         flat = torch.cat([t.reshape(-1).float() for t in ts])  # bf16 samples: one rank's value plus zeros, exact
+        flat = flat.to(_comm_device(group))
         dist.all_reduce(flat, group=group)
+        flat = flat.cpu()
         offset = 0
         for t in ts:
             t.reshape(-1).copy_(flat[offset:offset + t.numel()])
