@@ -131,6 +131,8 @@ def _callers(opt, depth: int = 24) -> _Callers | None:
         if frame is None:
             break
         obj = frame.f_locals.get("self")
+        if obj is not None and not type(obj).__module__.startswith("deepspeed"):
+            obj = None  # only DeepSpeed's own objects (a trainer holding .optimizer is not a ZeRO wrapper)
         name = type(obj).__name__ if obj is not None else ""
         if name == _UNFUSED and frame.f_code.co_name == "initialize_optimizer_states":
             return _Callers(obj, None, True)

@@ -247,10 +247,10 @@ def exported_file(tmp_path_factory):
 
 
 def test_export_imports_into_deepspeed_one_rank(exported_file):
-    """2 ranks ZeRO-2 -> 1 rank ZeRO-2 and ZeRO-3 (another data-parallel size and stage): the same 3 steps."""
+    """2 ranks ZeRO-2 -> 1 rank ZeRO-0, -2 and -3 (another data-parallel size and stage): the same 3 steps."""
     path, r0 = exported_file
     cases = [dict(name=f"import-{stage}", stage=stage, dtype="fp32", options=r0["case"]["options"], via="config",
-                  import_file=path, start_step=STEPS, steps=3) for stage in (2, 3)]
+                  import_file=path, start_step=STEPS, steps=3) for stage in (0, 2, 3)]
     (results,) = W.launch(cases, world=1)
     for r in results:
         assert r["ok"], r.get("error")
