@@ -292,22 +292,20 @@ def _rms_pass(g, a, c, m, v, s, V: Variant):
     return (u * u).sum()
 
 
-def _stochastic(x, table, start):
-    """fp32 -> bf16 with the table noise of rounding.copy_stochastic_ (flat element i reads table[(start+i) % T])."""
-    flat = x.reshape(-1)
-    idx = (torch.arange(flat.shape[0], device=x.device) + start) % TABLE_SIZE
-    bits = (flat.view(torch.int32) + table[idx]) & -65536
-    return bits.view(torch.float32).to(torch.bfloat16).view(x.shape)
+def _stochastic(x, noise):
+    """fp32 -> bf16 with the noise of rounding.copy_stochastic_ (``noise``: the table entries of these elements)."""
+    bits = (x.view(torch.int32) + noise) & -65536
+    return bits.view(torch.float32).to(torch.bfloat16)
 
 
-def _store(target, value, table, start, V: Variant):
+def _store(target, value, noise, V: Variant):
     if V.storage == "sr":
-        target.copy_(_stochastic(value, table, start))
+        target.copy_(_stochastic(value, noise))
     else:
         target.copy_(value)
 
 
-def _update_pass(g, a, c, m, v, y, z, scale, s, table, starts, V: Variant, moments_done: bool):
+def _update_pass(g, a, c, m, v, y, z, scale, s, noise_y, noise_z, V: Variant, moments_done: bool):
     """The update: direction (scaled by the StableAdamW factor ``scale``), weight decay, Schedule-Free
     interpolation or Prodigy step; writes y (the parameter) and z in place."""
     g = g.float()
@@ -320,25 +318,30 @@ def _update_pass(g, a, c, m, v, y, z, scale, s, table, starts, V: Variant, momen
             m.copy_(m_new)
         if v_new is not None:
             v.copy_(v_new)
-    u = _direction(g, a, c, m_new, v_new, s, V)
-    if V.stable:
-        u = u / scale
+    def direction():  # built once per use, so that inductor fuses it into each consumer instead of storing it
+        u = _direction(g, a, c, m_new, v_new, s, V)
+        return u / scale if V.stable else u
+
+    u = direction()
     y32 = y.float()
     if V.schedulefree:
         z32 = z.float()
         if V.decay == "by_lr":
             u = u + y32 * s[_LAM]
+        u2 = direction()
+        if V.decay == "by_lr":
+            u2 = u2 + y32 * s[_LAM]
         y_new = torch.lerp(y32, z32, s[_C])
         z_new = z32 + u * s[_NEG_DLR]
-        y_new = y_new + u * s[_NEG_DLR_XY]
+        y_new = y_new + u2 * s[_NEG_DLR_XY]
         if V.decay == "raw":
             z_new = z_new + y32 * s[_NEG_LAM]
             y_new = y_new + y32 * s[_NEG_LAM_XY]
-        _store(z, z_new, table, None if starts is None else starts[1], V)
+        _store(z, z_new, noise_z, V)
     else:
         y_new = y32 * s[_KEEP] if V.decay == "scale" else y32
         y_new = y_new + u * s[_NEG_DLR]
-    _store(y, y_new, table, None if starts is None else starts[0], V)
+    _store(y, y_new, noise_y, V)
 
 
 # Positions in the per-bucket scalar vector (fp32, on the bucket's device).
@@ -450,16 +453,41 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
             st.pop("s", None)
 
     upd = _kernel("prodigy_update", _update_pass, key + (V.stable,))
-    table = _table(b.params[0].device, b.sr_seed) if V.storage == "sr" else None
     for i in range(n):
-        starts = None
-        if V.storage == "sr":
-            off = b.layouts[i].flat_offset
-            starts = torch.tensor(rounding_starts(sc["k"], off), dtype=torch.int64, device=b.params[i].device)
         a, c = factors[i]
         z = flat(b.states[i]["z"]) if V.schedulefree else None
         # (detached: dynamo gives nn.Parameter inputs static shapes, which would recompile per shape)
-        upd(gs[i], a, c, ms[i], vs[i], flat(b.params[i].detach()), z, scales[i], s, table, starts, V, V.stable)
+        args = [gs[i], a, ms[i], vs[i], flat(b.params[i].detach()), z]
+        if V.storage != "sr":
+            g, a, m, v, y, z = args
+            upd(g, a, c, m, v, y, z, scales[i], s, None, None, V, V.stable)
+            continue
+        # Stochastic rounding reads the noise table from a start position that depends on the step: the tensor
+        # is updated in chunks of at most TABLE_SIZE elements, whose noise is one contiguous slice of the table
+        # written twice in a row (no gather in the kernel).
+        table = _doubled_table(b.params[i].device, b.sr_seed)
+        start_y, start_z = rounding_starts(sc["k"], b.layouts[i].flat_offset)
+        y_all = args[4]
+        row = y_all[0].numel() if y_all.dim() > 1 else 1
+        step_rows = max(1, TABLE_SIZE // row)
+        for r0 in range(0, y_all.shape[0], step_rows):
+            g, a_, m, v, y, z_ = (t[r0:r0 + step_rows] if t is not None else None for t in args)
+            f0, count = r0 * row, y.numel()
+            noise_y = table[(start_y + f0) % TABLE_SIZE:][:count].view(y.shape)
+            noise_z = table[(start_z + f0) % TABLE_SIZE:][:count].view(y.shape) if z_ is not None else None
+            upd(g, a_, c, m, v, y, z_, scales[i], s, noise_y, noise_z, V, V.stable)
+
+
+_doubled: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _doubled_table(device: torch.device, seed: int) -> torch.Tensor:
+    """rounding's noise table twice in a row: TABLE_SIZE consecutive entries from any start are one slice."""
+    t = _doubled.get((device, seed))
+    if t is None:
+        base = _table(device, seed)
+        t = _doubled[(device, seed)] = torch.cat([base, base])
+    return t
 
 
 def rounding_starts(step: int, flat_offset: int) -> tuple[int, int]:
