@@ -271,7 +271,7 @@ def _direction(g, a, c, m_new, v_new, s, V: Variant):
             # (torch._foreach_add_ of a Python scalar to bf16 tensors rounds the scalar to bf16 first on a CPU)
             den = _as(den + _as(s[_EPS_TERM], V.moment_dtype), V.moment_dtype)
     else:
-        den = (a[:, None] * c[None, :]).sqrt()
+        den = a[:, None] * c[None, :]  # sqrt(r_i c_j) as sqrt(r_i) sqrt(c_j): no square root per element
         if not V.atan2:
             den = den + s[_EPS_TERM]
     num = g * s[_D] if V.schedulefree else m_new
@@ -408,7 +408,8 @@ def statistics(b: Bucket) -> list[torch.Tensor]:
 # ------------------------------------------------------------------------------------------ phase B
 def _factors(b: Bucket, i: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Update the factored second moment of tensor ``i`` (small vectors, eager, the same operations as the eager
-    path) and return the two factors of the estimate as 1-D vectors: one per row, one per column of the piece."""
+    path) and return the square roots of the two factors of the estimate as 1-D vectors: one per row, one per column
+    of the piece (sqrt(R_i C_j / mean R) is computed as their product, up to an ulp of the eager path's value)."""
     st, row, col, (dr, dc), layout = b.states[i], b.row_parts[i], b.col_parts[i], b.dims[i], b.layouts[i]
     d, beta2 = b.sc["d"], b.sc["beta2"]
     r, c = st["exp_avg_sq_row"], st["exp_avg_sq_col"]
@@ -417,8 +418,9 @@ def _factors(b: Bucket, i: int) -> tuple[torch.Tensor, torch.Tensor]:
     c.mul_(beta2).add_(col.mul_(1.0 / shape[dc]), alpha=(1 - beta2) * d * d)
     sums = b.r_sums.get(i)
     total = sums[1:2] if sums is not None else r.sum(dim=dc, keepdim=True)
-    rn = r / total.div(shape[dc]).add_(1e-30)
-    return (c.reshape(-1), rn.reshape(-1)) if dr == 0 else (rn.reshape(-1), c.reshape(-1))  # rows, then cols
+    rn = (r / total.div(shape[dc]).add_(1e-30)).sqrt_().reshape(-1)
+    sc = c.sqrt().reshape(-1)
+    return (sc, rn) if dr == 0 else (rn, sc)  # rows, then cols
 
 
 @torch.no_grad()
