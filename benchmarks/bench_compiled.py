@@ -66,7 +66,7 @@ def bytes_per_param(options: dict, dtype: str) -> int:
     sf = options.get("use_schedulefree", True)
     full = not options.get("factored", True)
     stable = options.get("eps", 1e-8) is not None
-    total = e  # phase A: statistics read g
+    total = e if full else 2 * e  # phase A: sum g^2 (full), or row sums and per-block column sums (2 passes)
     total += 2 * e  # Prodigy sample: strided walks over g and over z (or y) touch every cache line
     if stable:
         total += e  # RMS pass reads g

@@ -4,26 +4,38 @@ Same contract as :func:`kernels.statistics` / :func:`kernels.update` (a :class:`
 phase A read-only, phase B a generator yielding per-tensor partial sums in the same rounds as the eager path), so it
 runs unchanged on one process, DDP replicas and FSDP2 shards. The eager path stays the reference and the fallback.
 
-Passes over memory per parameter of a 2-D tensor (fp32; bf16 halves every figure):
+Passes over memory per parameter of a 2-D tensor, as inductor generates them (fp32; bf16 halves every figure):
 
-* phase A: the row and column sums of g^2 (factored statistics), plus the Prodigy sample shared with the eager path
-  (every 11th element of g and of z: the strided walk over z touches every cache line, 4 B/param);
-* phase B, StableAdamW on (``eps`` a number): one read of g for the RMS of the update (the update is recomputed,
-  never stored), yield, then one fused pass that reads g, y and z and writes y and z;
-* Prodigy mode writes the first moment in the RMS pass (read g, m; write m) and reads it in the update pass;
-  ``factored=False`` does the same with the full second moment; ``eps=None`` (Adam-atan2) has no RMS pass.
+* phase A, factored statistics: the row sums of g^2 and the column sums accumulated per block of ROW_BLOCK rows
+  (a contiguous walk instead of a strided walk down whole columns). Inductor emits these as two loops, i.e. two
+  reads of g (8 B/param): no formulation tried (blocked rows, square tiles, permuted tiles, artificial
+  dependencies for its outer-loop fusion) got it to share one loop between a reduction over rows and one over
+  columns;
+* phase A, Prodigy sample: one kernel over the strided slices (every 11th element) of g and of z (or y); a stride
+  of 44 bytes touches every cache line of both (8 B/param);
+* phase B, StableAdamW on (``eps`` a number): one read of g for the RMS of the update (recomputed, never stored),
+  yield, then one fused pass that reads g, y and z and writes y and z (4 + 20 B/param). Prodigy mode writes the
+  first moment in the RMS pass and reads it in the update pass; ``factored=False`` does the same with the full
+  second moment; ``eps=None`` (Adam-atan2) has no RMS pass.
+
+Default options: 40 B/param (fused AdamW: 28). No parameter-sized temporary is allocated: the largest buffers are
+the per-block column sums (1/ROW_BLOCK of a tensor) and the new Prodigy ``s`` (1/11, bf16).
 
 Compiled variants (anything else runs the eager kernels, by design): factored 2-D tensors and unfactored tensors,
-fp32 or bf16 storage (stochastic rounding with the same noise as :mod:`prodigy_dist.rounding`, or round-to-nearest),
-Schedule-Free or Prodigy mode, ``eps`` a number or ``None``, StableAdamW on/off, any weight decay, SPEED, and
+fp32 or bf16 storage (stochastic rounding with exactly the noise of :mod:`prodigy_dist.rounding`, or round to
+nearest), Schedule-Free or Prodigy mode, ``eps`` a number or ``None``, StableAdamW on/off, any weight decay, SPEED,
 ``prodigy_steps``. Not compiled: Muon, cautious, Grams, ADOPT, FOCUS, OrthoGrad, bias correction,
-``factored_fp32=False``, factored tensors of more than 2 dims, non-contiguous tensors.
+``factored_fp32=False``, factored tensors of more than 2 dims, non-contiguous tensors, DeepSpeed fragments.
+Results equal the eager path's up to an ulp of fp32 (summation order, fused multiply-adds), and the bf16 roundings
+of the eager path are reproduced (``emulate_precision_casts``, and the rounding of scalars that eager bf16 kernels
+do), so bf16 weights differ from the eager path's in a few elements per 10^4 by one bf16 ulp.
 
 Compilation cost is kept out of the way: every per-step scalar (d, the coefficients, the rounding stream start)
 enters compiled code as a tensor, never as a Python float; each kernel is compiled with dynamic shapes, so one
-graph serves every tensor of a rank and dtype; each variant of each kernel is its own code object, so variants never
-share the recompile limit. A kernel that cannot be compiled (no C++ compiler, a limit hit, an inductor error) is
-logged once at warning level and runs the same Python function eagerly.
+graph serves every tensor of a rank and dtype (inductor adds a second graph for small tensors: its reductions
+specialise on a size range); each variant of each kernel is its own code object, so variants never share the
+recompile limit. A kernel that cannot be compiled (no C++ compiler, a limit hit, an inductor error) is logged once
+at warning level and runs the same Python function eagerly.
 """
 
 from __future__ import annotations
