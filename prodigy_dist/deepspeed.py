@@ -18,7 +18,7 @@ What ZeRO hands the optimizer, and how the math sees the one-process truth:
   (:func:`prodigy_dist.layout.fragment_layout`), and steps every parameter of the partition as a fragment: factored
   statistics, Prodigy samples (global flat index mod 11) and per-tensor sums are partial sums over the fragments of
   every rank, summed with the optimizer's bucketed all-reduce; Muon matrices are assembled on one owner rank each
-  (:func:`orthogonalise_fragments`). A rank holding nothing of a parameter still joins with an empty fragment. d and the step counter are finalised once per training step, after the last partition's call.
+  (:func:`prodigy_dist.reduction.orthogonalise`). A rank holding nothing of a parameter still joins with an empty fragment. d and the step counter are finalised once per training step, after the last partition's call.
 
 The binding is made automatically at the first ``step()`` (the ZeRO optimizer is found among the callers), or
 explicitly with :func:`attach`. Settings that fight the optimizer are reported then (:func:`check_engine`).
@@ -336,6 +336,7 @@ class _ZeroBinding(_Binding):
             opt._use_group(self.calls[0].pieces[0].layout.group)
         self.index = {id(c.flat): j for j, c in enumerate(self.calls)}
         self.ranges = self._rank_ranges()
+        opt._reducer.fragment_spans.update(self.ranges)  # where every rank's fragments sit (Muon's exchange)
         self.next_call = 0
         self._step: dict[str, Any] = {}
 
@@ -373,13 +374,6 @@ class _ZeroBinding(_Binding):
         every = [t.cpu() for t in every]
         return {id(p.layout): [tuple(int(v) for v in every[r][k]) for r in range(world)]
                 for k, p in enumerate(pieces)}
-
-    def _flush(self, opt) -> None:
-        """The optimizer's round (bucketed all-reduce, then Muon directions), with fragment-aware Muon."""
-        opt._reducer.flush()
-        requests, opt._muon_requests = opt._muon_requests, []
-        if requests:
-            orthogonalise_fragments(requests, opt._reducer, self.ranges)
 
     @torch.no_grad()
     def set_mode(self, opt, train: bool) -> None:
@@ -481,84 +475,8 @@ class _ZeroBinding(_Binding):
         sums = opt._finish_statistics(buckets, rows)
         if sums is None:
             return None
-        muon = any(b.muon for b in buckets)
-        if muon:  # the Muon directions of fragments: whole matrices assembled on one owner rank each
-            opt._flush = lambda: self._flush(opt)
-        try:
-            opt._phase_b(buckets)
-        finally:
-            if muon:
-                del opt._flush
+        opt._phase_b(buckets)
         return sums[0], sums[1], {id(b.group) for b in buckets if not b.sc["adopt_first"]}
-
-
-def orthogonalise_fragments(requests: list, reducer: Any, ranges: dict[int, list[tuple[int, int]]]) -> None:
-    """Fill the Muon directions of requests whose pieces are ZeRO fragments (DISTRIBUTED.md D3): every matrix is
-    orthogonalised by exactly one owner rank (balanced by Newton-Schulz cost, the same choice on every rank). One
-    all_to_all sends each rank's fragments to the owners, which place them at their global flat ranges; one sends
-    each rank its range of the directions back. Pieces that are whole tensors are done where they are."""
-    import torch.distributed as dist
-
-    from .muon import muon_direction
-
-    frags = []
-    for req in requests:
-        req.run_locally([i for i, lay in enumerate(req.layouts) if not lay.fragment])
-        frags += [(req, i) for i, lay in enumerate(req.layouts) if lay.fragment]
-    if not frags:
-        return
-    active = reducer.active
-    world = dist.get_world_size(reducer.group) if active else 1
-    me = dist.get_rank(reducer.group) if active else 0
-    load = [0.0] * world
-    owners, spans = [], []
-    for req, i in frags:
-        lay = req.layouts[i]
-        rows, cols = lay.global_shape[0], lay.row_numel
-        owner = min(range(world), key=lambda r: (load[r], r))
-        load[owner] += rows * cols * min(rows, cols)
-        owners.append(owner)
-        spans.append(ranges[id(lay)] if active else [(lay.flat_start, lay.flat_numel)])
-    device = frags[0][0].sources[frags[0][1]].device
-    comm = _comm_device(reducer.group) if active else device
-    mine = [k for k, o in enumerate(owners) if o == me]
-
-    def exchange(parts_for: list[list[torch.Tensor]], recv_counts: list[int]) -> list[torch.Tensor]:
-        send = [torch.cat([t.reshape(-1).float() for t in parts]) if parts else torch.zeros(0, device=device)
-                for parts in parts_for]
-        if not active:
-            return send
-        recv = torch.empty(sum(recv_counts), dtype=torch.float32, device=comm)
-        dist.all_to_all_single(recv, torch.cat(send).to(comm), output_split_sizes=recv_counts,
-                               input_split_sizes=[t.numel() for t in send], group=reducer.group)
-        reducer.collectives += 1
-        return list(recv.to(device).split(recv_counts))
-
-    # 1. every rank's fragments to the owners
-    got = exchange([[req.sources[i] for k, (req, i) in enumerate(frags) if owners[k] == j] for j in range(world)],
-                   [sum(spans[k][j][1] for k in mine) for j in range(world)])
-    directions = {}
-    for k in mine:
-        req, i = frags[k]
-        lay = req.layouts[i]
-        full = torch.zeros(lay.global_numel, dtype=torch.float32, device=device)
-        for j in range(world):
-            offset = sum(spans[m][j][1] for m in mine if m < k)
-            start, n = spans[k][j]
-            full[start:start + n] = got[j][offset:offset + n]
-        directions[k] = muon_direction(full.view(lay.global_shape)).reshape(-1)
-    # 2. each rank its range of the directions
-    back = exchange([[directions[k][spans[k][j][0]:spans[k][j][0] + spans[k][j][1]] for k in mine]
-                     for j in range(world)],
-                    [sum(spans[k][me][1] for k in range(len(frags)) if owners[k] == j) for j in range(world)])
-    for j in range(world):
-        offset = 0
-        for k, (req, i) in enumerate(frags):
-            if owners[k] != j:
-                continue
-            n = req.sources[i].numel()
-            req.results[i] = back[j][offset:offset + n].view(req.sources[i].shape)
-            offset += n
 
 
 class _FragmentState(MutableMapping):

@@ -22,6 +22,18 @@ class Reducer:
         self._pending: list[torch.Tensor] = []
         self.collectives = 0  # number of collectives issued so far (for tests and benchmarks)
         self.bytes_reduced = 0
+        #: id(fragment layout) -> every rank's (global flat start, length): set by the DeepSpeed integration
+        self.fragment_spans: dict[int, list[tuple[int, int]]] = {}
+
+    def comm_device(self, device: torch.device) -> torch.device:
+        """Where collective buffers must live: the CPU for gloo; with NCCL the GPU, also for tensors offloaded to
+        the CPU (DeepSpeed ZeRO-Offload)."""
+        import torch.distributed as dist
+        if dist.get_backend(self.group) == "gloo":
+            return torch.device("cpu")
+        if device.type == "cpu" and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return device
 
     @property
     def active(self) -> bool:
@@ -42,8 +54,9 @@ class Reducer:
         if not self.active:
             return
         import torch.distributed as dist
-        device = pending[0].device if pending else torch.device("cpu")
-        flat = torch.cat([t.reshape(-1).float() for t in pending]) if pending else torch.zeros(1, device=device)
+        device = self.comm_device(pending[0].device if pending else torch.device("cpu"))
+        flat = torch.cat([t.reshape(-1).float().to(device) for t in pending]) if pending else \
+            torch.zeros(1, device=device)
         dist.all_reduce(flat, group=self.group)
         self.collectives += 1
         self.bytes_reduced += flat.numel() * 4
@@ -54,78 +67,87 @@ class Reducer:
             offset += n
 
 
+def spans(layout: Any, world: int, fragment_spans: dict[int, list[tuple[int, int]]]) -> list[tuple[int, int]]:
+    """Every rank's (global flat start, length) of the tensor ``layout`` describes: FSDP2 row blocks follow
+    ``torch.chunk``; fragments (DeepSpeed ZeRO) come from ``fragment_spans``, filled by the integration."""
+    from .layout import chunk_ranges
+
+    if layout.fragment:
+        return fragment_spans[id(layout)]
+    return [(start * layout.row_numel, rows * layout.row_numel)
+            for start, rows in chunk_ranges(layout.global_shape[0], world)]
+
+
 def orthogonalise(requests: list, reducer: Reducer) -> None:
     """Fill the Muon directions of ``requests`` (:class:`prodigy_dist.muon.Orthogonalise`), DISTRIBUTED.md D3.
 
-    Whole matrices are orthogonalised where they are. Matrices sharded over the reducer's group are each
-    orthogonalised by exactly one owner rank (owners balanced by Newton-Schulz cost, the same choice on every rank
-    from the global shapes): one all_to_all sends every rank's rows to the owners, one sends the directions back,
-    for all sharded matrices of the round together. Uneven and empty shards need no padding (variable splits).
+    A piece that is the whole tensor is orthogonalised where it is. Tensors whose pieces are spread over the
+    reducer's group (FSDP2 row blocks, ZeRO fragments) are each orthogonalised by exactly one owner rank (owners
+    balanced by Newton-Schulz cost, the same choice on every rank from the global shapes): one all_to_all sends every
+    rank's piece to the owners, which place the pieces at their global flat ranges, and one sends each rank its range
+    of the direction back, for all such tensors of the round together. Uneven and empty pieces need no padding.
     """
-    from .layout import chunk_ranges
     from .muon import muon_direction
 
-    sharded = []
+    spread = []
     for req in requests:
-        local = [i for i, lay in enumerate(req.layouts) if not (lay.sharded and reducer.active)]
-        req.run_locally(local)
-        sharded += [(req, i) for i, lay in enumerate(req.layouts) if lay.sharded and reducer.active]
-    if not sharded:
+        for i, layout in enumerate(req.layouts):
+            if reducer.active and layout.sharded:
+                spread.append((req, i))
+            else:
+                src = req.sources[i]
+                req.results[i] = muon_direction(src.view(layout.global_shape)).view(src.shape)
+    if not spread:
         return
     import torch.distributed as dist
 
     group = reducer.group
     world, me = dist.get_world_size(group), dist.get_rank(group)
     load = [0.0] * world
-    owners, rows = [], []
-    for req, i in sharded:
-        shape = req.layouts[i].global_shape
-        cols = req.layouts[i].row_numel
+    owners, where = [], []
+    for req, i in spread:
+        layout = req.layouts[i]
+        rows, cols = layout.global_shape[0], layout.row_numel
         owner = min(range(world), key=lambda r: (load[r], r))
-        load[owner] += shape[0] * cols * min(shape[0], cols)
+        load[owner] += rows * cols * min(rows, cols)
         owners.append(owner)
-        rows.append(chunk_ranges(shape[0], world))
-    row_numel = [req.layouts[i].row_numel for req, i in sharded]
-    device = sharded[0][0].sources[sharded[0][1]].device
-
-    def exchange(parts_for: list[list[torch.Tensor]], recv_counts: list[int]) -> torch.Tensor:
-        send = torch.cat([t.reshape(-1) for parts in parts_for for t in parts]) if any(parts_for) else \
-            torch.zeros(0, device=device)
-        recv = torch.empty(sum(recv_counts), dtype=torch.float32, device=device)
-        dist.all_to_all_single(recv, send, output_split_sizes=recv_counts,
-                               input_split_sizes=[sum(t.numel() for t in parts) for parts in parts_for],
-                               group=group)
-        reducer.collectives += 1
-        reducer.bytes_reduced += (send.numel() + recv.numel()) * 4
-        return recv
-
-    # 1. every rank's rows to the owners
+        where.append(spans(layout, world, reducer.fragment_spans))
+    device = spread[0][0].sources[spread[0][1]].device
+    comm = reducer.comm_device(device)
     mine = [k for k, o in enumerate(owners) if o == me]
-    recv = exchange([[req.sources[i].float() for k, (req, i) in enumerate(sharded) if owners[k] == j]
-                     for j in range(world)],
-                    [sum(rows[k][j][1] * row_numel[k] for k in mine) for j in range(world)])
-    pieces: dict[int, list[torch.Tensor]] = {k: [] for k in mine}
-    offset = 0
-    for j in range(world):
-        for k in mine:
-            n = rows[k][j][1] * row_numel[k]
-            pieces[k].append(recv[offset:offset + n])
-            offset += n
-    # 2. the owners orthogonalise whole matrices and send each rank its rows back
+
+    def exchange(parts_for: list[list[torch.Tensor]], recv_counts: list[int]) -> list[torch.Tensor]:
+        send = [torch.cat([t.reshape(-1).float() for t in parts]) if parts else torch.zeros(0, device=device)
+                for parts in parts_for]
+        recv = torch.empty(sum(recv_counts), dtype=torch.float32, device=comm)
+        dist.all_to_all_single(recv, torch.cat(send).to(comm), output_split_sizes=recv_counts,
+                               input_split_sizes=[t.numel() for t in send], group=group)
+        reducer.collectives += 1
+        reducer.bytes_reduced += (sum(t.numel() for t in send) + recv.numel()) * 4
+        return list(recv.to(device).split(recv_counts))
+
+    # 1. every rank's pieces to the owners
+    got = exchange([[req.sources[i] for k, (req, i) in enumerate(spread) if owners[k] == j] for j in range(world)],
+                   [sum(where[k][j][1] for k in mine) for j in range(world)])
     directions = {}
     for k in mine:
-        req, i = sharded[k]
-        full = torch.cat(pieces[k]).view(req.layouts[i].global_shape)
-        directions[k] = muon_direction(full).reshape(full.shape[0], -1)
-    back = exchange([[directions[k][rows[k][j][0]:rows[k][j][0] + rows[k][j][1]] for k in mine]
+        req, i = spread[k]
+        layout = req.layouts[i]
+        full = torch.zeros(layout.global_numel, dtype=torch.float32, device=device)
+        for j in range(world):
+            offset = sum(where[m][j][1] for m in mine if m < k)
+            start, n = where[k][j]
+            full[start:start + n] = got[j][offset:offset + n]
+        directions[k] = muon_direction(full.view(layout.global_shape)).reshape(-1)
+    # 2. the owners send each rank its range of the directions
+    back = exchange([[directions[k][where[k][j][0]:where[k][j][0] + where[k][j][1]] for k in mine]
                      for j in range(world)],
-                    [sum(rows[k][me][1] * row_numel[k] for k in range(len(sharded)) if owners[k] == j)
-                     for j in range(world)])
-    offset = 0
+                    [sum(where[k][me][1] for k in range(len(spread)) if owners[k] == j) for j in range(world)])
     for j in range(world):
-        for k, (req, i) in enumerate(sharded):
+        offset = 0
+        for k, (req, i) in enumerate(spread):
             if owners[k] != j:
                 continue
             n = req.sources[i].numel()
-            req.results[i] = back[offset:offset + n].view(req.sources[i].shape)
+            req.results[i] = back[j][offset:offset + n].view(req.sources[i].shape)
             offset += n
