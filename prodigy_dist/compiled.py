@@ -187,15 +187,18 @@ def _probe(x):
 def choose(b: Bucket, fast_path: str, total_params: Callable[[], int], alone: bool) -> bool:
     """Whether bucket ``b`` runs the compiled kernels.
 
-    ``"eager"``: never. ``"compiled"``: every supported bucket. ``"auto"``: supported buckets on an accelerator; on
-    a CPU only when the optimizer holds at least AUTO_CPU_MIN_PARAMS parameters and, on one process, only the
-    buckets of one large tensor (the many small tensors stay in the eager multi-tensor kernels).
+    ``"eager"``: never. ``"compiled"``: every supported bucket. ``"auto"``: supported buckets, except, on one
+    process, the buckets of small tensors (they stay in the eager multi-tensor kernels: one compiled call per tensor
+    costs more than it saves there), and, on a CPU, except when the optimizer holds fewer than AUTO_CPU_MIN_PARAMS
+    parameters (compile time would not pay off).
     """
     if fast_path == "eager" or variant(b) is None:
         return False
     device = b.params[0].device
-    if fast_path == "auto" and device.type == "cpu":
-        if (alone and b.scratch is None) or total_params() < AUTO_CPU_MIN_PARAMS:
+    if fast_path == "auto":
+        if alone and b.scratch is None:
+            return False
+        if device.type == "cpu" and total_params() < AUTO_CPU_MIN_PARAMS:
             return False
     return available(device)
 
