@@ -80,10 +80,11 @@ def test_hsdp_bf16_replicas_stay_bitwise_identical(pools):
                                                                   use_cautious=True),
                                      dict(two_groups=True, use_focus=True, d_limiter=False, d_coef=2.0,
                                           prodigy_steps=8, use_stableadamw=False, factored_fp32=False,
-                                          weight_decay=0.01)],
+                                          weight_decay=0.01),
+                                     dict(fast_path="compiled")],
                          ids=["defaults", "cautious_orthograd_wd", "speed_biascorr_sfc", "prodigy_grams_atan2",
                               "unfactored_adopt_wd", "muon", "muon_prodigy_cautious",
-                              "groups_focus_nolimiter_dcoef_prodigysteps"])
+                              "groups_focus_nolimiter_dcoef_prodigysteps", "compiled"])
 def test_fsdp2_matches_one_process(pools, world, options):
     results = pools(world).run(dist_workers.fsdp2_worker, options, STEPS)
     sharded = results[0]
