@@ -5,6 +5,9 @@ and norms). Each phase of a step registers them here and calls :meth:`Reducer.fl
 more than one rank, everything registered is packed into one fp32 buffer and summed with a single ``all_reduce``;
 on one process (or with nothing sharded) ``flush`` does nothing. Every rank must register the same sequence of
 sizes in the same order, also with empty shards or missing gradients, so all ranks join every collective.
+
+The Muon directions of tensors spread over ranks are exchanged here too (:func:`orthogonalise`): one owner rank per
+matrix, two all_to_all per round. These are the only places the optimizer issues collectives.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ class Reducer:
     def __init__(self, group: Any = None):
         self.group = group
         self._pending: list[torch.Tensor] = []
+        self._active: bool | None = None
         self.collectives = 0  # number of collectives issued so far (for tests and benchmarks)
         self.bytes_reduced = 0
         #: id(fragment layout) -> every rank's (global flat start, length): set by the DeepSpeed integration
@@ -37,10 +41,13 @@ class Reducer:
 
     @property
     def active(self) -> bool:
+        """Whether there is anything to combine: a process group of more than one rank (read once)."""
         if self.group is None:
             return False
-        import torch.distributed as dist
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1
+        if self._active is None:
+            import torch.distributed as dist
+            self._active = dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1
+        return self._active
 
     def add(self, t: torch.Tensor) -> torch.Tensor:
         """Register ``t`` (fp32) to be summed in place across ranks at the next flush; returns ``t``."""
