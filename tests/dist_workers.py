@@ -248,3 +248,33 @@ def collectives_worker(rank: int, world: int, n_layers: int, options: dict, step
         opt.step()
         counts.append(opt._reducer.collectives - before)
     return {"counts": counts, "tensors": len(list(model.parameters())), "d": _all_d(opt, world)}
+
+
+def dcp_save_single(ckpt: str, options: dict, steps: int):
+    """Train ``steps`` steps on one plain process and save model and optimizer with DCP (no process group)."""
+    import torch.distributed.checkpoint as dcp
+
+    from prodigy_dist import ProdigyPlusScheduleFree
+
+    torch.manual_seed(0)
+    model = ShardModel()
+    opt = _new(ProdigyPlusScheduleFree, model, options)
+    train(model, opt, steps)
+    dcp.save(_dcp_state(model, opt), checkpoint_id=ckpt)
+
+
+def placement_error_worker(rank: int, world: int):
+    """Parameters sharded on dim 1 (``shard_placement_fn``) are refused when the optimizer is built."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    from prodigy_dist import ProdigyPlusScheduleFree
+
+    model = torch.nn.Linear(8, 6)
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)), shard_placement_fn=lambda p: Shard(p.dim() - 1))
+    try:
+        ProdigyPlusScheduleFree(model.parameters())
+    except NotImplementedError as e:
+        return str(e)
+    return "no error"

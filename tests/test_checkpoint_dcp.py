@@ -46,3 +46,13 @@ def test_dcp_reshard_resume(pools, uninterrupted, save_world, load_world, index)
             assert res[0]["k_before"] == 1 and res[0]["loaded_k"] == FIRST + 1  # DCP's fake step did not count
             params, d = res[0]["params"], ranks_d[0]
     _check(params, d, *uninterrupted[index])
+
+
+def test_dcp_single_process_checkpoint_loads_on_two_ranks(pools, uninterrupted):
+    """1 -> 2: a checkpoint written by one plain process (no process group) resumes on 2 FSDP2 ranks."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = os.path.join(tmp, "ckpt")
+        dist_workers.dcp_save_single(ckpt, OPTIONS[1], FIRST)
+        res = pools(2).run(dist_workers.dcp_resume_worker, ckpt, OPTIONS[1], FIRST, SECOND, True)
+    assert res[0]["d"][0] == res[0]["d"][1] and res[0]["loaded_k"] == FIRST + 1
+    _check(res[0]["params"], res[0]["d"][0], *uninterrupted[1])

@@ -161,3 +161,9 @@ def test_collectives_per_step_are_bounded(pools, n_layers, options, bound):
     for r in results:
         assert max(r["counts"]) <= bound and min(r["counts"]) >= 1
     assert results[0]["d"][0] == results[0]["d"][1]
+
+
+def test_unsupported_placement_is_refused_at_construction(pools):
+    """FSDP2 with Shard(1) placements: a clear NotImplementedError naming the placements, before any step."""
+    messages = pools(2).run(dist_workers.placement_error_worker)
+    assert all("Shard(dim=1)" in m and "dim 0" in m for m in messages), messages
