@@ -10,7 +10,7 @@ from . import dist_workers
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 
-STEPS = 12
+STEPS = 20
 
 
 class _threads:
@@ -26,13 +26,12 @@ class _threads:
 
 
 def _d_tolerance(options: dict, d: list[float]) -> float:
-    """1e-6 relative; with Muon, 3x the floor measured now: Newton-Schulz makes d ill-conditioned, one process
-    differs from itself by ~2e-5 between 1 and 2 BLAS threads."""
-    if not options.get("use_muon_pp"):
-        return 1e-6
+    """1e-6 relative, or 3x the float floor measured now when that is larger: how far one process is from itself
+    between 1 and 2 BLAS threads (summation order only). Over 20 steps the floor reaches 1.6e-6 for Prodigy mode +
+    Grams + atan2 and ~2e-5 with Muon (Newton-Schulz makes d ill-conditioned)."""
     with _threads(1 if torch.get_num_threads() > 1 else 2):
         _, d_other = dist_workers.single_process(options, STEPS)
-    rel = max(1e-6, 3 * abs(d_other[0] - d[0]) / d[0])
+    rel = max(1e-6, 3 * max(abs(a - b) / b for a, b in zip(d_other, d)))
     assert rel < 1e-4
     return rel
 
