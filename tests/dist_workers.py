@@ -150,13 +150,14 @@ def _dcp_state(model, opt):
     return {"model": msd, "optim": osd}
 
 
-def dcp_save_worker(rank: int, world: int, ckpt: str, options: dict, steps: int):
-    """Train ``steps`` steps on ``world`` FSDP2 ranks and save model and optimizer with DCP."""
+def dcp_save_worker(rank: int, world: int, ckpt: str, options: dict, steps: int, mesh_shape=None):
+    """Train ``steps`` steps on ``world`` FSDP2 ranks (HSDP with ``mesh_shape``) and save model and optimizer
+    with DCP."""
     import torch.distributed.checkpoint as dcp
 
     from prodigy_dist import ProdigyPlusScheduleFree
 
-    model = fsdp2_model(world)
+    model = fsdp2_model(world, mesh_shape)
     opt = _new(ProdigyPlusScheduleFree, model, options)
     train(model, opt, steps)
     dcp.save(_dcp_state(model, opt), checkpoint_id=ckpt)

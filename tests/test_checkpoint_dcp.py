@@ -56,3 +56,14 @@ def test_dcp_single_process_checkpoint_loads_on_two_ranks(pools, uninterrupted):
         res = pools(2).run(dist_workers.dcp_resume_worker, ckpt, OPTIONS[1], FIRST, SECOND, True)
     assert res[0]["d"][0] == res[0]["d"][1] and res[0]["loaded_k"] == FIRST + 1
     _check(res[0]["params"], res[0]["d"][0], *uninterrupted[1])
+
+
+def test_dcp_hsdp_checkpoint_loads_on_one_process_and_three_ranks(pools, uninterrupted):
+    """HSDP 2x2 -> 1 plain process and -> 3 FSDP2 ranks: the replicas' copies are saved once."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = os.path.join(tmp, "ckpt")
+        pools(4).run(dist_workers.dcp_save_worker, ckpt, OPTIONS[0], FIRST, (2, 2))
+        params, d = dist_workers.dcp_resume_single(ckpt, OPTIONS[0], FIRST, SECOND)
+        _check(params, d, *uninterrupted[0])
+        res = pools(3).run(dist_workers.dcp_resume_worker, ckpt, OPTIONS[0], FIRST, SECOND, True)
+        _check(res[0]["params"], res[0]["d"][0], *uninterrupted[0])
