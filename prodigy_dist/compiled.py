@@ -48,7 +48,7 @@ from typing import Callable, Generator, NamedTuple
 
 import torch
 
-from . import kernels
+from . import kernels, native
 from .kernels import ABS_S, ATAN2_SCALE, DOT, L2SQ, Bucket
 from .rounding import TABLE_SIZE, _mix, _table
 
@@ -381,9 +381,16 @@ def _scalars(b: Bucket) -> torch.Tensor:
 def _row_col(b: Bucket, g: torch.Tensor, dr: int, dc: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Factored statistics of one 2-D piece: (sum of g^2 over dr, over dc), keepdim, fp32.
 
-    The compiled kernel takes the whole blocks of ROW_BLOCK rows; the last few rows are added eagerly (so the
-    kernel's row count is always a multiple of the block and one graph serves every shape).
+    On a CPU the native one-pass kernel of :mod:`prodigy_dist.native` computes both (inductor reads the tensor
+    twice). Elsewhere, or if it could not be built, the compiled kernel takes the whole blocks of ROW_BLOCK rows and
+    the last few rows are added eagerly (so the kernel's row count is always a multiple of the block and one graph
+    serves every shape).
     """
+    sums = native.row_col_sq_sums(g) if g.device.type == "cpu" else None
+    if sums is not None:  # one streaming pass (prodigy_dist.native)
+        rows, cols = sums
+        rows, cols = rows.view(-1, 1), cols.view(1, -1)
+        return (cols, rows) if dr == 0 else (rows, cols)
     main = g.shape[0] - g.shape[0] % ROW_BLOCK
     if main:
         rows, cols = _kernel("prodigy_stats", _stats_2d, (g.dtype,))(g)
