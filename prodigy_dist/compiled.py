@@ -386,9 +386,15 @@ def _row_col(b: Bucket, g: torch.Tensor, dr: int, dc: int) -> tuple[torch.Tensor
     the last few rows are added eagerly (so the kernel's row count is always a multiple of the block and one graph
     serves every shape).
     """
-    sums = native.row_col_sq_sums(g) if g.device.type == "cpu" else None
-    if sums is not None:  # one streaming pass (prodigy_dist.native)
-        rows, cols = sums
+    sums = None
+    if g.device.type == "cpu":
+        i = next(k for k, t in enumerate(b.grads) if t is g)
+        sample = b.sc["prodigy_active"] and not b.sc["adopt_first"] and "p0" in b.states[i]
+        sums = native.row_col_sq_sums(g, b.layouts[i].slice_start if sample else None)
+    if sums is not None:  # one streaming pass (prodigy_dist.native), which also copied out g's Prodigy samples
+        rows, cols, g_sample = sums
+        if g_sample is not None:
+            b.__dict__.setdefault("native_g_samples", {})[id(g)] = g_sample
         rows, cols = rows.view(-1, 1), cols.view(1, -1)
         return (cols, rows) if dr == 0 else (rows, cols)
     main = g.shape[0] - g.shape[0] % ROW_BLOCK
@@ -411,7 +417,10 @@ def _prodigy_sample(b: Bucket, stats: torch.Tensor) -> None:
     for g, p, st, layout in zip(b.grads, b.params, b.states, b.layouts):
         data = st["z"] if group["use_schedulefree"] else p.detach()
         k = _kernel("prodigy_sample", _sample_pass, (g.dtype, data.dtype, st["p0"].dtype, speed))
-        outs.append(k(kernels.sample(g, layout), kernels.sample(data, layout), st["p0"], st.get("s"), sv, speed))
+        g_sample = b.__dict__.get("native_g_samples", {}).get(id(g))
+        if g_sample is None:
+            g_sample = kernels.sample(g, layout)
+        outs.append(k(g_sample, kernels.sample(data, layout), st["p0"], st.get("s"), sv, speed))
     stats[:, DOT] = torch.stack([o[0] for o in outs]).float()
     stats[:, ABS_S] = torch.stack([o[1] for o in outs])
     if speed:
