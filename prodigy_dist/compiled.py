@@ -10,9 +10,10 @@ Passes over memory per parameter of a 2-D tensor, as inductor generates them (fp
   (a contiguous walk instead of a strided walk down whole columns). Inductor emits these as two loops, i.e. two
   reads of g (8 B/param): no formulation tried (blocked rows, square tiles, permuted tiles, artificial
   dependencies for its outer-loop fusion) got it to share one loop between a reduction over rows and one over
-  columns;
+  columns. On a CPU, :mod:`prodigy_dist.native` does it in one read of g (4 B/param) and copies out g's Prodigy
+  samples while each row is in cache;
 * phase A, Prodigy sample: one kernel over the strided slices (every 11th element) of g and of z (or y); a stride
-  of 44 bytes touches every cache line of both (8 B/param);
+  of 44 bytes touches every cache line of both (8 B/param; 4 B/param when the native pass supplied g's samples);
 * phase B, StableAdamW on (``eps`` a number): one read of g for the RMS of the update (recomputed, never stored),
   yield, then one fused pass that reads g, y and z and writes y and z (4 + 20 B/param). Prodigy mode writes the
   first moment in the RMS pass and reads it in the update pass; ``factored=False`` does the same with the full
