@@ -379,23 +379,23 @@ def _scalars(b: Bucket) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ phase A
-def _row_col(b: Bucket, g: torch.Tensor, dr: int, dc: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factored statistics of one 2-D piece: (sum of g^2 over dr, over dc), keepdim, fp32.
+def _row_col(b: Bucket, i: int, dr: int, dc: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factored statistics of the 2-D piece ``i``: (sum of g^2 over dr, over dc), keepdim, fp32.
 
     On a CPU the native one-pass kernel of :mod:`prodigy_dist.native` computes both (inductor reads the tensor
     twice). Elsewhere, or if it could not be built, the compiled kernel takes the whole blocks of ROW_BLOCK rows and
     the last few rows are added eagerly (so the kernel's row count is always a multiple of the block and one graph
     serves every shape).
     """
+    g = b.grads[i]
     sums = None
     if g.device.type == "cpu":
-        i = next(k for k, t in enumerate(b.grads) if t is g)
         sample = b.sc["prodigy_active"] and not b.sc["adopt_first"] and "p0" in b.states[i]
         sums = native.row_col_sq_sums(g, b.layouts[i].slice_start if sample else None)
     if sums is not None:  # one streaming pass (prodigy_dist.native), which also copied out g's Prodigy samples
         rows, cols, g_sample = sums
         if g_sample is not None:
-            b.__dict__.setdefault("native_g_samples", {})[id(g)] = g_sample
+            b.g_samples[i] = g_sample
         rows, cols = rows.view(-1, 1), cols.view(1, -1)
         return (cols, rows) if dr == 0 else (rows, cols)
     main = g.shape[0] - g.shape[0] % ROW_BLOCK
@@ -415,10 +415,10 @@ def _prodigy_sample(b: Bucket, stats: torch.Tensor) -> None:
     speed = group["use_speed"]
     sv = torch.tensor([sc["beta3"], sc["delta"]], dtype=torch.float32, device=stats.device)
     outs = []
-    for g, p, st, layout in zip(b.grads, b.params, b.states, b.layouts):
+    for i, (g, p, st, layout) in enumerate(zip(b.grads, b.params, b.states, b.layouts)):
         data = st["z"] if group["use_schedulefree"] else p.detach()
         k = _kernel("prodigy_sample", _sample_pass, (g.dtype, data.dtype, st["p0"].dtype, speed))
-        g_sample = b.__dict__.get("native_g_samples", {}).get(id(g))
+        g_sample = b.g_samples.get(i)
         if g_sample is None:
             g_sample = kernels.sample(g, layout)
         outs.append(k(g_sample, kernels.sample(data, layout), st["p0"], st.get("s"), sv, speed))

@@ -92,6 +92,7 @@ class Bucket:
     col_parts: list[torch.Tensor] = field(default_factory=list)
     s_new: list[torch.Tensor | None] = field(default_factory=list)
     stats: torch.Tensor | None = None
+    g_samples: dict[int, torch.Tensor] = field(default_factory=dict)  # piece -> its Prodigy samples of g, if taken
 
 
 def sample(t: torch.Tensor, layout: ParamLayout) -> torch.Tensor:
@@ -109,7 +110,7 @@ def _sq_norm(t: torch.Tensor) -> torch.Tensor:
 def statistics(b: Bucket, row_col=None, prodigy_sample=None) -> list[torch.Tensor]:
     """Phase A: fill ``b.row_parts``, ``b.col_parts``, ``b.s_new`` and ``b.stats``; read-only on all state.
 
-    ``row_col(b, g, dr, dc)``: optional replacement for the factored statistics of one piece (the compiled fast
+    ``row_col(b, i, dr, dc)``: optional replacement for the factored statistics of piece ``i`` (the compiled fast
     path passes its own); returns the fp32 sums of g^2 over dr and over dc, keepdim. ``prodigy_sample(b, stats)``:
     likewise for :func:`_prodigy_sample`.
 
@@ -121,10 +122,10 @@ def statistics(b: Bucket, row_col=None, prodigy_sample=None) -> list[torch.Tenso
     stats = torch.zeros(n, N_STATS, dtype=torch.float32, device=device)
     to_reduce: list[torch.Tensor] = []
     gsq: list[torch.Tensor] = []
-    b.row_parts, b.col_parts = [], []
+    b.row_parts, b.col_parts, b.g_samples = [], [], {}
     if b.kind == "factored":
         b.r_sums = {}
-        for g, (dr, dc), layout, st in zip(b.grads, b.dims, b.layouts, b.states):
+        for i, (g, (dr, dc), layout, st) in enumerate(zip(b.grads, b.dims, b.layouts, b.states)):
             if layout.fragment:  # statistics of the whole tensor, summed over every rank's fragments
                 row, col = _fragment_sums(g, layout, dr, dc)
                 b.row_parts.append(row)
@@ -134,7 +135,7 @@ def statistics(b: Bucket, row_col=None, prodigy_sample=None) -> list[torch.Tenso
                     to_reduce += [row, col]
                 continue
             if row_col is not None:
-                row, col = row_col(b, g, dr, dc)
+                row, col = row_col(b, i, dr, dc)
             else:
                 sq = _fp32(b, 0, g)
                 sq = torch.square(sq, out=_work(b, 0, g))

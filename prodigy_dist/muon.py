@@ -41,16 +41,12 @@ class Orthogonalise:
     """A request, yielded by the update kernel, for the Muon directions of a bucket's matrices.
 
     ``sources`` are the local pieces (fp32) and ``layouts`` where they sit. Whoever drives the kernel fills
-    ``results`` (unit-RMS directions, shaped like the local pieces) before resuming it: on one process with
-    :meth:`run_locally`; with sharded matrices through :func:`prodigy_dist.reduction.orthogonalise`, where each
-    matrix is orthogonalised by exactly one rank.
+    ``results`` (unit-RMS directions, shaped like the local pieces) before resuming it, through
+    :func:`prodigy_dist.reduction.orthogonalise`: whole matrices where they are, matrices spread over ranks by
+    exactly one owner rank each.
     """
 
     def __init__(self, sources: list[torch.Tensor], layouts: list):
         self.sources = sources
         self.layouts = layouts
         self.results: list[torch.Tensor | None] = [None] * len(sources)
-
-    def run_locally(self, indices=None) -> None:
-        for i in range(len(self.sources)) if indices is None else indices:
-            self.results[i] = muon_direction(self.sources[i])

@@ -252,7 +252,9 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
         Collective on sharded optimizers: call it on every rank."""
         self._fused.finish(self)
         sd = super().state_dict()
-        sharded = [(gi, i, p) for gi, i, p in self._indexed_params() if self._layout(p).sharded and p in self.state]
+        order = self._param_order()  # torch.optim numbers the parameters in this order too
+        sharded = [(*order[id(p)], p) for g in self.param_groups for p in g["params"]
+                   if self._layout(p).sharded and p in self.state]
         if not sharded:
             return sd
         entries, owners = [], []
@@ -270,15 +272,6 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
             state[i] = global_state(p, self._layout(p), group["factored"] and not group["use_focus"],
                                     self.state[p], chunks.get(i, {}))
         return {"state": state, "param_groups": sd["param_groups"]}
-
-    def _indexed_params(self) -> list[tuple[int, int, torch.Tensor]]:
-        """(group index, state-dict index, param) in the order torch.optim numbers parameters."""
-        out, i = [], 0
-        for gi, g in enumerate(self.param_groups):
-            for p in g["params"]:
-                out.append((gi, i, p))
-                i += 1
-        return out
 
     def _local_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """``state_dict`` with every state tensor of a sharded parameter replaced by this rank's local piece."""
