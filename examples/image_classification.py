@@ -146,15 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     runtime = engines.start(config.engine)
     if runtime.is_main:
         Path(config.out).mkdir(parents=True, exist_ok=True)
-    code = 0
-    try:
-        train(config, runtime)
-    except Exception:
-        import traceback
-
-        traceback.print_exc()
-        code = 1
-    engines.finish(code)
+    engines.run_and_finish(lambda: train(config, runtime))
 
 
 if __name__ == "__main__":

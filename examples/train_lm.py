@@ -357,19 +357,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"train_lm.py: error: {exc}", file=sys.stderr)
         sys.exit(2)
     runtime = engines.start(config.engine)
-    code = 0
-    try:
-        resume = args.resume or runtime.restart > 0  # torchrun restarted the workers: continue, never start over
-        if args.compare:
-            compare(config, runtime, resume, args.compare)
-        else:
-            train(config, runtime, resume, args.fail_at_step)
-    except Exception:
-        import traceback
-
-        traceback.print_exc()
-        code = 1
-    engines.finish(code)
+    resume = args.resume or runtime.restart > 0  # torchrun restarted the workers: continue, never start over
+    if args.compare:
+        engines.run_and_finish(lambda: compare(config, runtime, resume, args.compare))
+    else:
+        engines.run_and_finish(lambda: train(config, runtime, resume, args.fail_at_step))
 
 
 if __name__ == "__main__":

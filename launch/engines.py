@@ -113,6 +113,19 @@ def mean_across_ranks(value: torch.Tensor, runtime: Runtime) -> float:
     return value.item()
 
 
+def run_and_finish(work) -> None:
+    """Run ``work()``, print the traceback of an exception, then :func:`finish` with exit code 0 or 1."""
+    code = 0
+    try:
+        work()
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finish(code)
+
+
 def finish(code: int = 0) -> None:
     """End the process: destroy the process group, flush, ``os._exit`` (gloo may abort during interpreter exit)."""
     if dist.is_available() and dist.is_initialized():

@@ -254,6 +254,15 @@ def _checkpoint_round_trip(engine, base, case: dict, rank: int, world: int, step
     return {"continued": first, "continued_d": d_first, "resumed": second, "resumed_d": d_second}
 
 
+def _end(code: int) -> None:
+    """End a rank: destroy the process group, then os._exit (gloo may abort in interpreter shutdown)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def fsdp2_import(rank: int, world: int, port: int, path: str, options: dict, start: int, steps: int,
                  out_dir: str) -> None:
     """FSDP2 on ``world`` ranks: import an exported DeepSpeed state, train ``steps`` steps on the whole batch."""
@@ -284,11 +293,7 @@ def fsdp2_import(rank: int, world: int, port: int, path: str, options: dict, sta
     except BaseException:
         traceback.print_exc()
         code = 1
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    _end(code)
 
 
 def launch_fsdp2_import(path: str, options: dict, start: int, steps: int, world: int = 3) -> list[dict]:
@@ -325,11 +330,7 @@ def main(rank: int, world: int, port: int, cases: list[dict], out_dir: str) -> N
     except BaseException:
         traceback.print_exc()
         code = 1
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    _end(code)
 
 
 # ---------------------------------------------------------------------------------------------- one process
