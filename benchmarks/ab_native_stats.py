@@ -1,29 +1,47 @@
-"""A/B/C in one run: the compiled step with the native one-pass statistics kernel (with and without copying out the
-Prodigy samples of g in the same pass) against inductor's two-pass statistics, on the parameter shapes of GPT-2
-124M, fp32, default options, 2 threads; AdamW(fused=True) timed in the same rounds.
+"""A/B in one run: what each native CPU kernel (prodigy_dist.native) buys in the compiled step, on the parameter
+shapes of GPT-2 124M (bench_step.py's set), fp32, default options, 2 threads; AdamW(fused=True) timed in the same
+rounds.
 
-    python benchmarks/ab_native_stats.py
+  all native                 statistics pass with the Prodigy sums, native StableAdamW RMS pass
+  native stats, no Prodigy   the Prodigy sums in the compiled sample kernel (a strided walk over g and z)
+  inductor RMS               the RMS pass compiled by inductor
+  inductor only              no native kernel at all
+
+    python benchmarks/ab_native_stats.py [--set gpt-20m] [--threads 1] [--rounds 8]
 """
 
+import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
 
-from prodigy_dist import ProdigyPlusScheduleFree, native
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]
 
-torch.set_num_threads(2)
-shapes = [(50257, 768), (1024, 768)] + [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 12 + [(768,)] * 50
-params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in shapes]
-for p in params:
-    p.grad = torch.randn_like(p) * 1e-3
+from bench_step import TENSOR_SETS, make_base_tensors, make_params  # noqa: E402
+
+from prodigy_dist import ProdigyPlusScheduleFree, native  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--set", default="gpt2-124m", choices=sorted(TENSOR_SETS))
+parser.add_argument("--threads", type=int, default=2)
+parser.add_argument("--rounds", type=int, default=8)
+args = parser.parse_args()
+torch.set_num_threads(args.threads)
+
+base = make_base_tensors(args.set, torch.float32, seed=0)
+params = make_params(base)
 opt = ProdigyPlusScheduleFree(params, fast_path="compiled")
-adamw = torch.optim.AdamW(params, fused=True)
-original = native.row_col_sq_sums
-modes = {
-    "native, samples copied out": original,
-    "native": lambda g, *a: original(g, None),
-    "inductor (two passes)": lambda g, *a: None,
+adamw = torch.optim.AdamW(make_params(base), fused=True)
+stats, rms = native.statistics, native.rms_factored
+modes = {  # name -> (statistics, rms_factored), or None for AdamW
+    "all native": (stats, rms),
+    "native stats, no Prodigy": (lambda g, sample=None: stats(g, None), rms),
+    "inductor RMS": (stats, lambda *a: None),
+    "inductor only": (lambda *a: None, lambda *a: None),
     "AdamW(fused=True)": None,
 }
 
@@ -31,7 +49,7 @@ modes = {
 def run(mode: str, n: int = 6) -> float:
     optimizer = adamw if modes[mode] is None else opt
     if modes[mode] is not None:
-        native.row_col_sq_sums = modes[mode]
+        native.statistics, native.rms_factored = modes[mode]
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -43,12 +61,13 @@ def run(mode: str, n: int = 6) -> float:
 for m in modes:
     run(m, 3)  # compile and warm up
 results = {m: [] for m in modes}
-for _ in range(8):
+for _ in range(args.rounds):
     for m in modes:
         results[m].append(run(m))
-native.row_col_sq_sums = original
+native.statistics, native.rms_factored = stats, rms
 fused = statistics.median(results["AdamW(fused=True)"])
-print(f"params {sum(p.numel() for p in params) / 1e6:.1f}M, torch {torch.__version__}, 2 threads")
+print(f"{args.set}: {sum(p.numel() for p in params) / 1e6:.1f}M params, torch {torch.__version__}, "
+      f"{args.threads} threads, {args.rounds} rounds")
 for m, r in results.items():
-    print(f"{m:28s} median {statistics.median(r):7.1f} ms  x fused {statistics.median(r) / fused:5.2f}   rounds "
+    print(f"{m:26s} median {statistics.median(r):7.1f} ms  x fused {statistics.median(r) / fused:5.2f}   rounds "
           + " ".join(f"{x:.0f}" for x in r))

@@ -4,23 +4,23 @@ Same contract as :func:`kernels.statistics` / :func:`kernels.update` (a :class:`
 phase A read-only, phase B a generator yielding per-tensor partial sums in the same rounds as the eager path), so it
 runs unchanged on one process, DDP replicas and FSDP2 shards. The eager path stays the reference and the fallback.
 
-Passes over memory per parameter of a 2-D tensor, as inductor generates them (fp32; bf16 halves every figure):
+Passes over memory per parameter of a 2-D tensor (fp32; bf16 halves every figure):
 
-* phase A, factored statistics: the row sums of g^2 and the column sums accumulated per block of ROW_BLOCK rows
-  (a contiguous walk instead of a strided walk down whole columns). Inductor emits these as two loops, i.e. two
-  reads of g (8 B/param): no formulation tried (blocked rows, square tiles, permuted tiles, artificial
-  dependencies for its outer-loop fusion) got it to share one loop between a reduction over rows and one over
-  columns. On a CPU, :mod:`prodigy_dist.native` does it in one read of g (4 B/param) and copies out g's Prodigy
-  samples while each row is in cache;
-* phase A, Prodigy sample: one kernel over the strided slices (every 11th element) of g and of z (or y); a stride
-  of 44 bytes touches every cache line of both (8 B/param; 4 B/param when the native pass supplied g's samples);
-* phase B, StableAdamW on (``eps`` a number): one read of g for the RMS of the update (recomputed, never stored),
-  yield, then one fused pass that reads g, y and z and writes y and z (4 + 20 B/param). Prodigy mode writes the
-  first moment in the RMS pass and reads it in the update pass; ``factored=False`` does the same with the full
-  second moment; ``eps=None`` (Adam-atan2) has no RMS pass.
+* phase A, factored statistics and Prodigy sample. On a CPU, one native pass (:mod:`prodigy_dist.native`) reads g
+  once for the row and column sums of g^2 and, block by block, computes the Prodigy sums on the sampled elements
+  (every 11th) with g still in cache: 4 B/param for g plus 4 B/param for z (or y), whose sampled walk at a stride
+  of 44 bytes touches every cache line. Elsewhere (or if the native build failed) inductor does it in three reads:
+  the row sums and the column sums accumulated per block of ROW_BLOCK rows (inductor emits these as two loops: no
+  formulation tried -- blocked rows, square tiles, permuted tiles, artificial dependencies for its outer-loop
+  fusion -- got it to share one loop between a reduction over rows and one over columns), then one kernel over
+  the strided slices of g and z (8 + 8 B/param);
+* phase B, StableAdamW on (``eps`` a number): one read of g for the RMS of the update (recomputed, never stored;
+  native on a CPU for factored Schedule-Free tensors), yield, then one fused pass that reads g, y and z and writes
+  y and z (4 + 20 B/param). Prodigy mode writes the first moment in the RMS pass and reads it in the update pass;
+  ``factored=False`` does the same with the full second moment; ``eps=None`` (Adam-atan2) has no RMS pass.
 
-Default options: 40 B/param (fused AdamW: 28). No parameter-sized temporary is allocated: the largest buffers are
-the per-block column sums (1/ROW_BLOCK of a tensor) and the new Prodigy ``s`` (1/11, bf16).
+Default options: 32 B/param on a CPU (40 with inductor's statistics; fused AdamW: 28). No parameter-sized temporary
+is allocated: the largest buffers are the per-thread column sums and the new Prodigy ``s`` (1/11, bf16).
 
 Compiled variants (anything else runs the eager kernels, by design): factored 2-D tensors and unfactored tensors,
 fp32 or bf16 storage (stochastic rounding with exactly the noise of :mod:`prodigy_dist.rounding`, or round to
@@ -390,12 +390,11 @@ def _row_col(b: Bucket, i: int, dr: int, dc: int) -> tuple[torch.Tensor, torch.T
     g = b.grads[i]
     sums = None
     if g.device.type == "cpu":
-        sample = b.sc["prodigy_active"] and not b.sc["adopt_first"] and "p0" in b.states[i]
-        sums = native.row_col_sq_sums(g, b.layouts[i].slice_start if sample else None)
-    if sums is not None:  # one streaming pass (prodigy_dist.native), which also copied out g's Prodigy samples
-        rows, cols, g_sample = sums
-        if g_sample is not None:
-            b.g_samples[i] = g_sample
+        sums = native.statistics(g, _native_sample(b, i))
+    if sums is not None:  # one streaming pass (prodigy_dist.native), with the Prodigy statistics if asked for
+        rows, cols, prodigy, s_new = sums
+        if prodigy is not None:
+            b.prodigy_parts[i] = (prodigy, s_new)
         rows, cols = rows.view(-1, 1), cols.view(1, -1)
         return (cols, rows) if dr == 0 else (rows, cols)
     main = g.shape[0] - g.shape[0] % ROW_BLOCK
@@ -409,25 +408,43 @@ def _row_col(b: Bucket, i: int, dr: int, dc: int) -> tuple[torch.Tensor, torch.T
     return (cols, rows) if dr == 0 else (rows, cols)
 
 
+def _native_sample(b: Bucket, i: int) -> tuple | None:
+    """What the native statistics pass needs to compute piece ``i``'s Prodigy statistics too (None: not wanted)."""
+    st = b.states[i]
+    if not (b.sc["prodigy_active"] and not b.sc["adopt_first"] and "p0" in st):
+        return None
+    s = None if b.group["use_speed"] else st["s"]
+    return b.layouts[i].slice_start, _data(b, i), st["p0"], s, b.sc["beta3"], b.sc["delta"]
+
+
 def _prodigy_sample(b: Bucket, stats: torch.Tensor) -> None:
-    """Compiled replacement of kernels._prodigy_sample: one fused kernel per tensor over its sampled slice."""
+    """Compiled replacement of kernels._prodigy_sample: the sums the native statistics pass already computed, else
+    one fused kernel per tensor over its sampled slice."""
     sc, group = b.sc, b.group
     speed = group["use_speed"]
     sv = torch.tensor([sc["beta3"], sc["delta"]], dtype=torch.float32, device=stats.device)
     outs = []
-    for i, (g, p, st, layout) in enumerate(zip(b.grads, b.params, b.states, b.layouts)):
-        data = st["z"] if group["use_schedulefree"] else p.detach()
+    for i, (g, st, layout) in enumerate(zip(b.grads, b.states, b.layouts)):
+        data = _data(b, i)
+        part = b.prodigy_parts.get(i)
+        if part is not None:
+            sums, s_new = part
+            dot = sums[0] if data.dtype == torch.float32 else sums[0].to(data.dtype).float()  # the bf16 dot
+            outs.append((dot, sums[1], sums[2], s_new))
+            continue
         k = _kernel("prodigy_sample", _sample_pass, (g.dtype, data.dtype, st["p0"].dtype, speed))
-        g_sample = b.g_samples.get(i)
-        if g_sample is None:
-            g_sample = kernels.sample(g, layout)
-        outs.append(k(g_sample, kernels.sample(data, layout), st["p0"], st.get("s"), sv, speed))
+        outs.append(k(kernels.sample(g, layout), kernels.sample(data, layout), st["p0"], st.get("s"), sv, speed))
     stats[:, DOT] = torch.stack([o[0] for o in outs]).float()
     stats[:, ABS_S] = torch.stack([o[1] for o in outs])
     if speed:
         stats[:, L2SQ] = torch.stack([o[2] for o in outs])
     else:
         b.s_new = [o[3] for o in outs]
+
+
+def _data(b: Bucket, i: int) -> torch.Tensor:
+    """The tensor whose samples enter the Prodigy statistics of piece ``i``: z (Schedule-Free) or the parameter."""
+    return b.states[i]["z"] if b.group["use_schedulefree"] else b.params[i].detach()
 
 
 @torch.no_grad()
@@ -476,7 +493,8 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
     scales: list[torch.Tensor | None] = [None] * n
     if V.stable:
         rms_k = _kernel("prodigy_rms", _rms_pass, key)
-        uu = torch.stack([rms_k(g, a, c, m, v, s, V) for g, (a, c), m, v in zip(gs, factors, ms, vs)])
+        d_eps = (sc["d"], sc["d"] * b.group["eps"])
+        uu = torch.stack([_rms(rms_k, g, a, c, m, v, s, V, d_eps) for g, (a, c), m, v in zip(gs, factors, ms, vs)])
         yield [uu]
         numels = torch.tensor([lay.global_numel for lay in b.layouts], dtype=torch.float32, device=uu.device)
         scales = list((uu / numels).sqrt().clamp_min(1.0).sqrt().unbind(0))
@@ -510,6 +528,17 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
             noise_y = table[(start_y + f0) % TABLE_SIZE:][:count].view(y.shape)
             noise_z = table[(start_z + f0) % TABLE_SIZE:][:count].view(y.shape) if z_ is not None else None
             upd(g, a_, c, m, v, y, z_, scales[i], s, noise_y, noise_z, V, V.stable)
+
+
+def _rms(rms_k: _Kernel, g, a, c, m, v, s, V: Variant, d_eps: tuple[float, float]) -> torch.Tensor:
+    """The StableAdamW sum of one tensor: the native pass for factored Schedule-Free tensors on a CPU (inductor's
+    reduction runs at half the bandwidth there), else the compiled kernel. ``d_eps``: d and d * eps (the values
+    of s[_D] and s[_EPS_TERM] before their rounding to fp32)."""
+    if not V.full and V.schedulefree and g.device.type == "cpu":
+        uu = native.rms_factored(g, a, c, *d_eps)
+        if uu is not None:
+            return uu
+    return rms_k(g, a, c, m, v, s, V)
 
 
 _doubled: dict[tuple[torch.device, int], torch.Tensor] = {}

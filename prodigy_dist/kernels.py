@@ -92,7 +92,9 @@ class Bucket:
     col_parts: list[torch.Tensor] = field(default_factory=list)
     s_new: list[torch.Tensor | None] = field(default_factory=list)
     stats: torch.Tensor | None = None
-    g_samples: dict[int, torch.Tensor] = field(default_factory=dict)  # piece -> its Prodigy samples of g, if taken
+    # piece -> its Prodigy statistics, if the factored statistics pass computed them (prodigy_dist.native):
+    # ([dot, sum|s_new| or SPEED's L1, SPEED's L2^2], s_new or None)
+    prodigy_parts: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
 
 
 def sample(t: torch.Tensor, layout: ParamLayout) -> torch.Tensor:
@@ -122,7 +124,7 @@ def statistics(b: Bucket, row_col=None, prodigy_sample=None) -> list[torch.Tenso
     stats = torch.zeros(n, N_STATS, dtype=torch.float32, device=device)
     to_reduce: list[torch.Tensor] = []
     gsq: list[torch.Tensor] = []
-    b.row_parts, b.col_parts, b.g_samples = [], [], {}
+    b.row_parts, b.col_parts, b.prodigy_parts = [], [], {}
     if b.kind == "factored":
         b.r_sums = {}
         for i, (g, (dr, dc), layout, st) in enumerate(zip(b.grads, b.dims, b.layouts, b.states)):

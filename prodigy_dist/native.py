@@ -1,15 +1,24 @@
-"""A native CPU kernel for the factored statistics: the row and the column sums of g^2 in one streaming pass.
+"""Native CPU kernels for the two reduction passes of the compiled step, where inductor cannot reach the bandwidth.
 
-Inductor always emits the row reduction and the column reduction of a 2-D tensor as two loops over it (the fast-path
-issue records the formulations tried), so on a CPU the compiled path reads the gradient twice for its statistics.
-This kernel reads it once: rows are split among threads, each row's sum is finished at once and its squares are
-added to the thread's own column accumulator; the accumulators are added at the end. While a row is in cache its
-Prodigy samples (every 11th element of the global flattening) are copied out too, so the sample pass reads them
-contiguously instead of walking the whole gradient again.
+* :func:`statistics` -- the factored statistics: the row and the column sums of g^2 in one streaming pass.
+  Inductor always emits the row reduction and the column reduction of a 2-D tensor as two loops over it (the
+  fast-path issue records the formulations tried). Rows are split among threads in blocks; each block's row sums
+  are finished at once (four rows per sweep) and their squares added to the thread's own column accumulator; the
+  accumulators are added at the end. After each block, the same pass computes the block's Prodigy statistics on
+  its sampled elements (every 11th of the global flattening): dot(g, p0 - x) with g still in cache and x (z or
+  the parameter) in one strided walk, and the new ``s`` with sum |s|, or SPEED's sums. The compiled alternative,
+  a separate kernel over strided views, reads g and x again.
+* :func:`rms_factored` -- the StableAdamW sum of the squared update, sum (d g / (a_i c_j + d eps))^2, for factored
+  2-D tensors. Inductor's full reductions keep their accumulator in a heap-allocated cascade-summation stack
+  (a store and a reload per vector of the loop) and its row reductions reload the broadcast scalars in the inner
+  loop; both run at about half of the memory bandwidth on a CPU.
 
-It is built with ``torch.utils.cpp_extension`` on first use (a C++ compiler and ninja are needed; tens of seconds,
-cached by torch in ``~/.cache/torch_extensions``). If the build fails, that is logged once and the compiled path
-keeps its own statistics kernel.
+Sums accumulate in fp32 per row (per block for the Prodigy sums) and in double across rows and threads; the
+elementwise roundings are those of the compiled kernels (``-ffp-contract=off``: no fused multiply-adds), so the new
+``s`` is bit-identical to the compiled kernel's. The kernels are built with ``torch.utils.cpp_extension`` on first
+use, with the vector instructions of the CPU capability torch reports (a C++ compiler and ninja are needed; tens of
+seconds, cached by torch in ``~/.cache/torch_extensions``). If the build fails, that is logged once and the
+compiled path uses its own kernels.
 """
 
 from __future__ import annotations
@@ -24,55 +33,234 @@ logger = logging.getLogger(__name__)
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <vector>
 
+// Element loads as fp32: bf16 is the upper half of an fp32 (a shift, which vectorises).
+static inline float as_float(float x) { return x; }
+static inline float as_float(uint16_t x) { uint32_t bits = uint32_t(x) << 16; float f; std::memcpy(&f, &bits, 4); return f; }
+
+// Four rows: their sums of x^2 into out[0..3], and x^2 added to acc. Pointers are __restrict parameters (not
+// lambda captures), so the compiler keeps every scalar in a register and vectorises with plain loads; acc is read
+// and written once per four rows.
 template <typename T>
-static void row_col(const T* g, int64_t rows, int64_t cols, float* row_out, float* partial, int64_t start,
-                    T* samples) {
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    float* acc = partial + at::get_thread_num() * cols;
-    for (int64_t i = begin; i < end; ++i) {
-      const T* row = g + i * cols;
-      float s = 0.f;
-      #pragma omp simd reduction(+:s)
-      for (int64_t j = 0; j < cols; ++j) {
-        float v = static_cast<float>(row[j]);
-        v *= v;
-        s += v;
-        acc[j] += v;
-      }
-      row_out[i] = s;
-      if (samples != nullptr) {  // the row is in cache now: copy out its elements at flat start + 11 k
-        const int64_t first = i * cols, last = first + cols;
-        int64_t k = first <= start ? start : start + ((first - start + 10) / 11) * 11;
-        for (; k < last; k += 11) samples[(k - start) / 11] = row[k - first];
-      }
+static inline void rows4_squares(const T* __restrict r0, const T* __restrict r1, const T* __restrict r2,
+                                 const T* __restrict r3, float* __restrict acc, int64_t cols, float* __restrict out) {
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+  #pragma omp simd reduction(+:s0, s1, s2, s3)
+  for (int64_t j = 0; j < cols; ++j) {
+    const float v0 = as_float(r0[j]), v1 = as_float(r1[j]), v2 = as_float(r2[j]), v3 = as_float(r3[j]);
+    const float q0 = v0 * v0, q1 = v1 * v1, q2 = v2 * v2, q3 = v3 * v3;
+    s0 += q0;
+    s1 += q1;
+    s2 += q2;
+    s3 += q3;
+    acc[j] += (q0 + q1) + (q2 + q3);
+  }
+  out[0] = s0;
+  out[1] = s1;
+  out[2] = s2;
+  out[3] = s3;
+}
+
+template <typename T>
+static inline float row_squares(const T* __restrict row, float* __restrict acc, int64_t cols) {
+  float s = 0.f;
+  #pragma omp simd reduction(+:s)
+  for (int64_t j = 0; j < cols; ++j) {
+    const float v = as_float(row[j]);
+    s += v * v;
+    acc[j] += v * v;
+  }
+  return s;
+}
+
+static inline float round_bf16(float x) {  // round to nearest even, as c10::BFloat16 does (NaN: 0x7fc0)
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  uint32_t r = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
+  r = x != x ? 0x7fc00000u : r;
+  float f;
+  std::memcpy(&f, &r, 4);
+  return f;
+}
+static inline uint16_t bf16_bits(float rounded) { uint32_t b; std::memcpy(&b, &rounded, 4); return uint16_t(b >> 16); }
+
+struct Sample {  // what the Prodigy statistics of one tensor need (samples at flat index start + 11 n)
+  int64_t start;
+  const void* data;  // z (Schedule-Free) or the parameter, g's dtype and shape
+  const uint16_t* p0;  // bf16
+  const uint16_t* s;  // bf16, or null with SPEED
+  uint16_t* s_new;
+  float beta3, delta;
+};
+
+// The Prodigy statistics of the sampled elements of one row, with the roundings of the compiled kernel
+// (prodigy_dist.compiled._sample_pass): dot(g, p0 - x); then s_new = beta3 s + delta g and sum |s_new|, or SPEED's
+// sums of |p0 - x| and (p0 - x)^2. Every element of x's row is in one of the lines read here.
+template <typename T>
+static inline void row_samples(const T* __restrict row, const T* __restrict xrow, int64_t first, int64_t span,
+                               const Sample& S, double* __restrict acc) {
+  constexpr bool low = sizeof(T) == 2;  // bf16 parameters: the differences are bf16 too
+  const int64_t k0 = first <= S.start ? S.start : S.start + ((first - S.start + 10) / 11) * 11;
+  if (k0 >= first + span) return;
+  const int64_t n0 = (k0 - S.start) / 11, count = (first + span - k0 + 10) / 11;
+  const T* __restrict gk = row + (k0 - first);
+  const T* __restrict xk = xrow + (k0 - first);
+  const uint16_t* __restrict p0 = S.p0 + n0;
+  const uint16_t* __restrict s = S.s == nullptr ? nullptr : S.s + n0;
+  uint16_t* __restrict s_new = S.s_new == nullptr ? nullptr : S.s_new + n0;
+  const float beta3 = S.beta3, delta_g = low ? round_bf16(S.delta) : S.delta;
+  float dot = 0.f, a1 = 0.f, a2 = 0.f;
+  if (s == nullptr) {  // SPEED
+    #pragma omp simd reduction(+:dot, a1, a2)
+    for (int64_t n = 0; n < count; ++n) {
+      const float g = as_float(gk[11 * n]);
+      float e = as_float(p0[n]) - as_float(xk[11 * n]);
+      if (low) e = round_bf16(e);
+      dot += g * e;
+      a1 += std::fabs(e);
+      a2 += e * e;
     }
+  } else {
+    #pragma omp simd reduction(+:dot, a1)
+    for (int64_t n = 0; n < count; ++n) {
+      const float g = as_float(gk[11 * n]);
+      float e = as_float(p0[n]) - as_float(xk[11 * n]);
+      if (low) e = round_bf16(e);
+      dot += g * e;
+      const float s1 = round_bf16(as_float(s[n]) * beta3);
+      const float step = low ? round_bf16(g * delta_g) : g * delta_g;
+      const float sn = round_bf16(s1 + step);
+      s_new[n] = bf16_bits(sn);
+      a1 += std::fabs(sn);
+    }
+  }
+  acc[0] += dot;
+  acc[1] += a1;
+  acc[2] += a2;
+}
+
+// Rows per block: the block's rows of g are summed first, then the sampled elements of the block (g from cache, x in
+// one long strided walk that the hardware prefetcher follows; short walks per row each pay the prefetcher's ramp-up).
+static constexpr int64_t kBlockBytes = 96 * 1024;
+
+template <typename T>
+static void row_col(const T* g, int64_t rows, int64_t cols, float* row_out, float* partial, const Sample* S,
+                    double* sums) {
+  const int64_t block = std::max<int64_t>(4, (kBlockBytes / std::max<int64_t>(1, cols * int64_t(sizeof(T)))) / 4 * 4);
+  at::parallel_for(0, (rows + block - 1) / block, 1, [=](int64_t begin, int64_t end) {
+    const int tid = at::get_thread_num();
+    float* acc = partial + tid * cols;
+    double local[3] = {0.0, 0.0, 0.0};
+    const T* x = S == nullptr ? nullptr : static_cast<const T*>(S->data);
+    for (int64_t b0 = begin * block; b0 < std::min(end * block, rows); b0 += block) {
+      const int64_t b1 = std::min(b0 + block, rows);
+      int64_t i = b0;
+      for (; i + 4 <= b1; i += 4)
+        rows4_squares(g + i * cols, g + (i + 1) * cols, g + (i + 2) * cols, g + (i + 3) * cols, acc, cols,
+                      row_out + i);
+      for (; i < b1; ++i) row_out[i] = row_squares(g + i * cols, acc, cols);
+      if (S != nullptr) row_samples(g + b0 * cols, x + b0 * cols, b0 * cols, (b1 - b0) * cols, *S, local);
+    }
+    for (int j = 0; j < 3; ++j) sums[tid * 3 + j] += local[j];
   });
 }
 
-std::vector<torch::Tensor> row_col_sq_sums(torch::Tensor g, int64_t start) {
+// Factored statistics of g (rows, cols: sums of g^2 along dim 1 and dim 0) and, with start >= 0, the Prodigy
+// statistics of its sampled elements: sums = [dot(g, p0 - x), sum |s_new| (or SPEED's sum |p0 - x|),
+// SPEED's sum (p0 - x)^2] and s_new.
+std::vector<torch::Tensor> statistics(torch::Tensor g, int64_t start, c10::optional<torch::Tensor> data,
+                                      c10::optional<torch::Tensor> p0, c10::optional<torch::Tensor> s,
+                                      double beta3, double delta) {
   TORCH_CHECK(g.dim() == 2 && g.is_contiguous() && g.device().is_cpu(), "a contiguous 2-D CPU tensor");
   const int64_t rows = g.size(0), cols = g.size(1), threads = at::get_num_threads();
   auto f32 = g.options().dtype(torch::kFloat);
   auto row_out = torch::empty({rows}, f32);
   auto partial = torch::zeros({threads, cols}, f32);
+  auto sums = torch::zeros({threads, 3}, g.options().dtype(torch::kDouble));
   const int64_t numel = rows * cols;
   const int64_t n_samples = start < 0 ? 0 : (numel > start ? (numel - start + 10) / 11 : 0);
-  auto samples = torch::empty({n_samples}, g.options());
+  auto s_new = torch::empty({start >= 0 && s.has_value() ? n_samples : 0}, g.options().dtype(torch::kBFloat16));
+  Sample S{};
+  if (start >= 0) {
+    TORCH_CHECK(data.has_value() && data->sizes() == g.sizes() && data->is_contiguous() &&
+                data->scalar_type() == g.scalar_type(), "data: contiguous, of the shape and dtype of g");
+    TORCH_CHECK(p0.has_value() && p0->scalar_type() == torch::kBFloat16 && p0->is_contiguous() &&
+                p0->numel() == n_samples, "p0: contiguous bf16, one value per sample");
+    TORCH_CHECK(!s.has_value() || (s->scalar_type() == torch::kBFloat16 && s->is_contiguous() &&
+                s->numel() == n_samples), "s: contiguous bf16, one value per sample");
+    S = Sample{start, data->data_ptr(), reinterpret_cast<const uint16_t*>(p0->data_ptr()),
+               s.has_value() ? reinterpret_cast<const uint16_t*>(s->data_ptr()) : nullptr,
+               s.has_value() ? reinterpret_cast<uint16_t*>(s_new.data_ptr()) : nullptr, float(beta3), float(delta)};
+  }
+  const Sample* sp = start >= 0 ? &S : nullptr;
   if (g.scalar_type() == torch::kFloat) {
-    row_col<float>(g.data_ptr<float>(), rows, cols, row_out.data_ptr<float>(), partial.data_ptr<float>(), start,
-                   start < 0 ? nullptr : samples.data_ptr<float>());
+    row_col<float>(g.data_ptr<float>(), rows, cols, row_out.data_ptr<float>(), partial.data_ptr<float>(), sp,
+                   sums.data_ptr<double>());
   } else if (g.scalar_type() == torch::kBFloat16) {
-    row_col<at::BFloat16>(g.data_ptr<at::BFloat16>(), rows, cols, row_out.data_ptr<float>(),
-                          partial.data_ptr<float>(), start,
-                          start < 0 ? nullptr : samples.data_ptr<at::BFloat16>());
+    row_col<uint16_t>(reinterpret_cast<const uint16_t*>(g.data_ptr()), rows, cols, row_out.data_ptr<float>(),
+                      partial.data_ptr<float>(), sp, sums.data_ptr<double>());
   } else {
     TORCH_CHECK(false, "float32 or bfloat16");
   }
-  return {row_out, partial.sum(0), samples};
+  return {row_out, partial.sum(0), sums.sum(0).to(torch::kFloat), s_new};
+}
+
+// sum over the row of (d g_j / (a c_j + e))^2, with the operations of the compiled update (fp32).
+template <typename T>
+static inline float row_update_squares(const T* __restrict row, const float* __restrict c, float a, float d,
+                                       float e, int64_t cols) {
+  float s = 0.f;
+  #pragma omp simd reduction(+:s)
+  for (int64_t j = 0; j < cols; ++j) {
+    const float u = (as_float(row[j]) * d) / (a * c[j] + e);
+    s += u * u;
+  }
+  return s;
+}
+
+template <typename T>
+static double rms_rows(const T* g, const float* a, const float* c, int64_t rows, int64_t cols, float d, float e) {
+  std::vector<double> per_thread(at::get_num_threads(), 0.0);
+  double* out = per_thread.data();
+  at::parallel_for(0, rows, 16, [=](int64_t begin, int64_t end) {
+    double s = 0.0;
+    for (int64_t i = begin; i < end; ++i) s += row_update_squares(g + i * cols, c, a[i], d, e, cols);
+    out[at::get_thread_num()] += s;
+  });
+  double total = 0.0;
+  for (double s : per_thread) total += s;
+  return total;
+}
+
+torch::Tensor rms_factored(torch::Tensor g, torch::Tensor a, torch::Tensor c, double d, double e) {
+  TORCH_CHECK(g.dim() == 2 && g.is_contiguous() && g.device().is_cpu(), "a contiguous 2-D CPU tensor");
+  TORCH_CHECK(a.scalar_type() == torch::kFloat && c.scalar_type() == torch::kFloat && a.is_contiguous() &&
+              c.is_contiguous() && a.numel() == g.size(0) && c.numel() == g.size(1), "fp32 factors of g's shape");
+  const int64_t rows = g.size(0), cols = g.size(1);
+  double total;
+  if (g.scalar_type() == torch::kFloat) {
+    total = rms_rows<float>(g.data_ptr<float>(), a.data_ptr<float>(), c.data_ptr<float>(), rows, cols, float(d),
+                            float(e));
+  } else if (g.scalar_type() == torch::kBFloat16) {
+    total = rms_rows<uint16_t>(reinterpret_cast<const uint16_t*>(g.data_ptr()), a.data_ptr<float>(),
+                               c.data_ptr<float>(), rows, cols, float(d), float(e));
+  } else {
+    TORCH_CHECK(false, "float32 or bfloat16");
+  }
+  return torch::tensor(static_cast<float>(total), g.options().dtype(torch::kFloat));
 }
 """
+
+#: Compiler flags per CPU capability (torch.backends.cpu.get_cpu_capability()); the build is named after it, so a
+#: cache shared between machines never loads a build for instructions the CPU lacks.
+_ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mavx2"],
+    "AVX2": ["-mavx2", "-mfma"],
+}
 
 _lock = threading.Lock()
 _module = None
@@ -87,26 +275,58 @@ def _load():
         if _module is None and not _failed:
             try:
                 from torch.utils.cpp_extension import load_inline
-                _module = load_inline(name="prodigy_dist_native_stats_v2", cpp_sources=[_SOURCE],
-                                      functions=["row_col_sq_sums"], extra_cflags=["-O3", "-fopenmp"],
-                                      extra_ldflags=["-fopenmp"], verbose=False)
-            except Exception as e:  # no compiler, no ninja, a build error: keep the compiled statistics
+                isa = torch.backends.cpu.get_cpu_capability()
+                flags = _ISA_FLAGS.get(isa, [])
+                _module = load_inline(name=f"prodigy_dist_native_v7_{isa.lower() if flags else 'base'}",
+                                      cpp_sources=[_SOURCE], functions=["statistics", "rms_factored"],
+                                      extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"] + flags, extra_ldflags=["-fopenmp"],
+                                      verbose=False)
+            except Exception as e:  # no compiler, no ninja, a build error: keep the compiled kernels
                 _failed = True
-                logger.warning("the native statistics kernel could not be built (%s: %s); the compiled path uses "
-                               "its own two-pass statistics", type(e).__name__, str(e).splitlines()[0][:200])
+                logger.warning("the native CPU kernels could not be built (%s: %s); the compiled path uses its own "
+                               "statistics and RMS kernels", type(e).__name__, str(e).splitlines()[0][:200])
     return _module
 
 
-def row_col_sq_sums(g: torch.Tensor, sample_start: int | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-    """(sums of g^2 along dim 1, along dim 0 (fp32), and, with ``sample_start``, a contiguous copy of
-    ``g.view(-1)[sample_start::11]``) for a contiguous 2-D fp32/bf16 CPU tensor, in one pass over ``g``; None when
-    the kernel does not apply or could not be built."""
-    if g.device.type != "cpu" or g.dim() != 2 or not g.is_contiguous() or \
-            g.dtype not in (torch.float32, torch.bfloat16):
+def _applies(g: torch.Tensor) -> bool:
+    return g.device.type == "cpu" and g.dim() == 2 and g.is_contiguous() and g.dtype in (torch.float32,
+                                                                                          torch.bfloat16)
+
+
+def statistics(g: torch.Tensor, sample: tuple | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+    """One pass over ``g`` (a contiguous 2-D fp32/bf16 CPU tensor): the sums of g^2 along dim 1 and along dim 0
+    (fp32), and with ``sample = (start, x, p0, s, beta3, delta)`` the Prodigy statistics of the elements at flat
+    index start + 11 n: ``sums`` = fp32 [dot(g, p0 - x), sum |s_new|, 0] where s_new = beta3 s + delta g (bf16,
+    returned), or with ``s=None`` (SPEED) [dot, sum |p0 - x|, sum (p0 - x)^2]. ``x`` (z or the parameter) has g's
+    shape and dtype, ``p0`` and ``s`` are contiguous bf16 vectors of the sample count. The roundings are those of
+    prodigy_dist.compiled._sample_pass, except that the dot of bf16 parameters is left in fp32 (round it). None
+    when the kernel does not apply or could not be built."""
+    if not _applies(g):
+        return None
+    if sample is not None:
+        start, x, p0, s, beta3, delta = sample
+        if x.shape != g.shape or x.dtype != g.dtype or not x.is_contiguous() or p0.dtype != torch.bfloat16 \
+                or not p0.is_contiguous() or (s is not None and (s.dtype != torch.bfloat16 or not s.is_contiguous())):
+            return None
+    module = _load()
+    if module is None:
+        return None
+    if sample is None:
+        rows, cols, _, _ = module.statistics(g, -1, None, None, None, 0.0, 0.0)
+        return rows, cols, None, None
+    rows, cols, sums, s_new = module.statistics(g, start, x, p0, s, beta3, delta)
+    return rows, cols, sums, s_new if s is not None else None
+
+
+def rms_factored(g: torch.Tensor, a: torch.Tensor, c: torch.Tensor, d: float, eps_term: float
+                 ) -> torch.Tensor | None:
+    """sum over i, j of (d g_ij / (a_i c_j + eps_term))^2 as a 0-dim fp32 tensor (one pass over ``g``; ``a`` and
+    ``c``: contiguous fp32 vectors of g's row and column counts); None when the kernel does not apply or could not
+    be built."""
+    if not _applies(g) or a.dtype != torch.float32 or c.dtype != torch.float32:
         return None
     module = _load()
     if module is None:
         return None
-    rows, cols, samples = module.row_col_sq_sums(g, -1 if sample_start is None else sample_start)
-    return rows, cols, samples if sample_start is not None else None
+    return module.rms_factored(g, a.contiguous(), c.contiguous(), d, eps_term)

@@ -1,4 +1,4 @@
-"""The native one-pass statistics kernel (prodigy_dist.native) against torch, and its use by the compiled path."""
+"""The native CPU kernels (prodigy_dist.native) against torch, and their use by the compiled path."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from prodigy_dist import native
 
 
 def _built() -> bool:
-    return native.row_col_sq_sums(torch.ones(2, 2)) is not None
+    return native.statistics(torch.ones(2, 2)) is not None
 
 
 pytestmark = pytest.mark.skipif(not _built(), reason="no C++ toolchain: the native kernel could not be built")
@@ -17,37 +17,107 @@ pytestmark = pytest.mark.skipif(not _built(), reason="no C++ toolchain: the nati
 @pytest.mark.parametrize("shape", [(0, 40), (1, 7), (33, 70), (257, 1000), (3000, 33)])
 def test_row_and_column_sums_of_squares(shape, dtype):
     g = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
-    rows, cols, none = native.row_col_sq_sums(g)
-    assert none is None
+    rows, cols, none, none_too = native.statistics(g)
+    assert none is None and none_too is None
     sq = g.double().square()
     assert rows.dtype == cols.dtype == torch.float32 and rows.shape == (shape[0],) and cols.shape == (shape[1],)
     torch.testing.assert_close(rows.double(), sq.sum(1), rtol=1e-5, atol=0)
     torch.testing.assert_close(cols.double(), sq.sum(0), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("speed", [False, True], ids=["s", "speed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("start", [0, 3, 10])
-@pytest.mark.parametrize("shape", [(0, 40), (1, 7), (33, 70), (5, 11), (257, 1000)])
-def test_prodigy_samples_are_copied_out_in_the_same_pass(shape, start):
-    g = torch.randn(shape, generator=torch.Generator().manual_seed(1)).bfloat16()
-    rows, cols, samples = native.row_col_sq_sums(g, start)
-    assert samples.dtype == g.dtype and torch.equal(samples, g.reshape(-1)[start::11])
+@pytest.mark.parametrize("shape", [(0, 40), (1, 7), (33, 70), (5, 11), (257, 1000), (2000, 96)])
+def test_prodigy_statistics_in_the_same_pass_match_the_compiled_sample_kernel(shape, start, dtype, speed):
+    """Same sums (to fp32 summation order) and bit-identical s as prodigy_dist.compiled._sample_pass, whose
+    roundings test_compiled holds to the eager path."""
+    from prodigy_dist import compiled
+
+    gen = torch.Generator().manual_seed(1)
+    g = (torch.randn(shape, generator=gen) * 1e-2).to(dtype)
+    x = torch.randn(shape, generator=gen).to(dtype)
+    xs = x.reshape(-1)[start::11]
+    p0 = (xs.float() + torch.randn(xs.shape, generator=gen) * 1e-2).bfloat16()
+    s = None if speed else (torch.randn(xs.shape, generator=gen) * 1e-3).bfloat16()
+    beta3, delta = 0.99, 3.7e-4
+    rows, cols, sums, s_new = native.statistics(g, (start, x, p0, s, beta3, delta))
+    sq = g.double().square()
+    torch.testing.assert_close(rows.double(), sq.sum(1), rtol=1e-5, atol=0)
+    torch.testing.assert_close(cols.double(), sq.sum(0), rtol=1e-5, atol=0)
+
+    sv = torch.tensor([beta3, delta])
+    dot, a1, a2, s_ref = compiled._sample_pass(g.reshape(-1)[start::11], xs, p0, s, sv, speed)
+    assert sums.dtype == torch.float32 and sums.shape == (3,)
+    # the dot cancels: both are held to the exact dot of the same rounded differences, relative to sum |terms|
+    e = p0.float() - xs.float()
+    e = e.bfloat16().float() if dtype == torch.bfloat16 else e
+    terms = g.reshape(-1)[start::11].double() * e.double()
+    scale = terms.abs().sum().item() + 1e-30
+    exact = terms.sum().item()
+    assert abs(sums[0].item() - exact) <= 1e-6 * scale
+    if dtype == torch.bfloat16:  # rounded to bf16 by the caller, like the compiled kernel's
+        assert abs(sums[0].bfloat16().float() - dot) <= abs(dot) * 2 ** -7 + 1e-6 * scale
+    else:
+        assert abs(sums[0].item() - dot.item()) <= 2e-6 * scale
+    torch.testing.assert_close(sums[1], a1.float(), rtol=1e-5, atol=1e-30)
+    if speed:
+        torch.testing.assert_close(sums[2], a2.float(), rtol=1e-5, atol=1e-30)
+        assert s_new is None
+    else:
+        assert sums[2] == 0 and s_new.dtype == torch.bfloat16 and torch.equal(s_new, s_ref)
+
+
+def test_prodigy_statistics_refuse_what_they_do_not_handle():
+    g = torch.randn(8, 8)
+    p0 = torch.zeros(6, dtype=torch.bfloat16)
+    assert native.statistics(g, (0, torch.randn(8, 8).double(), p0, None, 0.9, 1.0)) is None  # x's dtype
+    assert native.statistics(g, (0, torch.randn(8, 8).t(), p0, None, 0.9, 1.0)) is None  # x not contiguous
+    assert native.statistics(g, (0, torch.randn(8, 8), p0.float(), None, 0.9, 1.0)) is None  # p0 not bf16
+    with pytest.raises(RuntimeError, match="one value per sample"):
+        native.statistics(g, (0, torch.randn(8, 8), p0[:5], None, 0.9, 1.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(0, 40), (1, 7), (33, 70), (257, 1000), (3000, 33)])
+def test_rms_factored_is_the_sum_of_the_squared_update(shape, dtype):
+    gen = torch.Generator().manual_seed(2)
+    g = (torch.randn(shape, generator=gen) * 1e-3).to(dtype)
+    a, c = torch.rand(shape[0], generator=gen) + 0.1, torch.rand(shape[1], generator=gen) + 0.1
+    d, eps_term = 3e-4, 3e-4 * 1e-8
+    got = native.rms_factored(g, a, c, d, eps_term)
+    u = (g.double() * d) / (a.double()[:, None] * c.double()[None, :] + eps_term)
+    assert got.dtype == torch.float32 and got.dim() == 0
+    torch.testing.assert_close(got.double(), u.square().sum(), rtol=1e-5, atol=0)
+    # the compiled pass it replaces gives the same value
+    from prodigy_dist import compiled
+
+    V = compiled.Variant(full=False, schedulefree=True, atan2=False, stable=True, decay="none", storage="fp32",
+                         moment_dtype=torch.float32)
+    s = torch.zeros(13)
+    s[compiled._D], s[compiled._EPS_TERM] = d, eps_term
+    torch.testing.assert_close(got, compiled._rms_pass(g, a, c, None, None, s, V), rtol=1e-5, atol=0)
 
 
 def test_not_applicable_returns_none():
-    assert native.row_col_sq_sums(torch.ones(3, 4, 5)) is None
-    assert native.row_col_sq_sums(torch.ones(4, 6).t()) is None  # not contiguous
-    assert native.row_col_sq_sums(torch.ones(4, 6, dtype=torch.float64)) is None
+    assert native.statistics(torch.ones(3, 4, 5)) is None
+    assert native.statistics(torch.ones(4, 6).t()) is None  # not contiguous
+    assert native.statistics(torch.ones(4, 6, dtype=torch.float64)) is None
+    assert native.rms_factored(torch.ones(4, 6).t(), torch.ones(6), torch.ones(4), 1.0, 0.0) is None
+    assert native.rms_factored(torch.ones(4, 6), torch.ones(4).double(), torch.ones(6), 1.0, 0.0) is None
 
 
 def test_compiled_path_uses_it(monkeypatch):
     from prodigy_dist import ProdigyPlusScheduleFree
 
-    calls = []
-    original = native.row_col_sq_sums
-    monkeypatch.setattr(native, "row_col_sq_sums", lambda g, *a: calls.append(tuple(g.shape)) or original(g, *a))
+    calls, rms_calls = [], []
+    original, original_rms = native.statistics, native.rms_factored
+    monkeypatch.setattr(native, "statistics", lambda g, *a: calls.append((tuple(g.shape), a[0] is not None))
+                        or original(g, *a))
+    monkeypatch.setattr(native, "rms_factored", lambda g, *a: rms_calls.append(tuple(g.shape)) or original_rms(g, *a))
     torch.manual_seed(0)
     model = torch.nn.Linear(300, 200)
     opt = ProdigyPlusScheduleFree(model.parameters(), fast_path="compiled")
     model(torch.randn(8, 300)).square().mean().backward()
     opt.step()
-    assert (200, 300) in calls
+    assert ((200, 300), True) in calls and (200, 300) in rms_calls  # with the Prodigy statistics
