@@ -47,7 +47,7 @@ for path in (REPO_ROOT, HERE):
 
 from bench_step import TENSOR_SETS, cpu_model, make_base_tensors  # noqa: E402
 
-from prodigy_dist import ProdigyPlusScheduleFree  # noqa: E402
+from prodigy_dist import ProdigyPlusScheduleFree, native  # noqa: E402
 
 #: name -> (options of ours, parameter dtype)
 VARIANTS = {
@@ -60,14 +60,19 @@ VARIANTS = {
 }
 
 
-def bytes_per_param(options: dict, dtype: str) -> int:
-    """Bytes per parameter the compiled step moves for a 2-D tensor (see prodigy_dist/compiled.py)."""
+def bytes_per_param(options: dict, dtype: str, native_kernels: bool) -> int:
+    """Bytes per parameter the compiled step moves for a 2-D tensor (see prodigy_dist/compiled.py), not counting
+    the 1/11-sized Prodigy vectors (p0, s: about 1 B/param in all)."""
     e = 4 if dtype == "fp32" else 2  # element size of g, y, z, m, v
     sf = options.get("use_schedulefree", True)
     full = not options.get("factored", True)
     stable = options.get("eps", 1e-8) is not None
-    total = e if full else 2 * e  # phase A: sum g^2 (full), or row sums and per-block column sums (2 passes)
-    total += 2 * e  # Prodigy sample: strided walks over g and over z (or y) touch every cache line
+    if full:  # phase A: sum g^2, then the Prodigy sample: strided walks over g and z (or y) touch every line
+        total = 3 * e
+    elif native_kernels:  # one native pass: g, and the strided walk over z (or y)
+        total = 2 * e
+    else:  # row sums and per-block column sums (2 loops), then the strided walks over g and z
+        total = 4 * e
     if stable:
         total += e  # RMS pass reads g
         if not sf:
@@ -149,7 +154,7 @@ def time_case(set_name: str, variant: str, threads: int, steps: int, with_baseli
                 times[name].append(time.perf_counter() - t0)
     med = {n: statistics.median(v) for n, v in times.items()}
     bandwidth = 2 * src.numel() * 4 / med["copy"]  # bytes read + written per second
-    moved = bytes_per_param(options, dtype_name)
+    moved = bytes_per_param(options, dtype_name, native.statistics(torch.ones(2, 2)) is not None)
     out = dict(set=set_name, variant=variant, threads=threads, params=n_params, moved=moved,
                floor_ms=moved * n_params / bandwidth * 1e3, bandwidth=bandwidth / 1e9,
                ms={n: med[n] * 1e3 for n in opts},

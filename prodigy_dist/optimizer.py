@@ -390,13 +390,17 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
             b.dims.append(dims)
             b.positions.append(order[id(p)][1] if positions is None else positions[id(p)])
         buckets = list(keyed.values())
+        total: list[int] = []  # counted once per step, and only if a bucket asks
+
+        def total_params() -> int:
+            if not total:
+                total.append(sum(self._layout(p).global_numel for g in self.param_groups for p in g["params"]))
+            return total[0]
+
         for b in buckets:  # the compiled fast path where it applies (prodigy_dist.compiled.choose)
-            if compiled.choose(b, self.fast_path, self._total_params, alone):
+            if compiled.choose(b, self.fast_path, total_params, alone):
                 b.impl = compiled
         return compiled.merge(buckets)
-
-    def _total_params(self) -> int:
-        return sum(self._layout(p).global_numel for g in self.param_groups for p in g["params"])
 
     def _run_step(self, items: list[tuple[int, torch.Tensor]]) -> None:
         scalars = [step_scalars(g) for g in self.param_groups]
