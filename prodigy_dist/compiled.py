@@ -75,7 +75,7 @@ class Variant(NamedTuple):
     atan2: bool  # eps=None
     stable: bool  # StableAdamW RMS scaling
     decay: str  # "none" | "by_lr" | "raw" (weight decay, Schedule-Free) | "scale" (Prodigy mode)
-    storage: str  # "fp32" | "sr" (bf16, stochastic rounding) | "rne" (bf16, round to nearest)
+    storage: str  # "fp32" | "sr" (bf16, stochastic rounding) | "rne" (bf16, round to nearest) | "sr_out" (see _store)
     moment_dtype: torch.dtype  # dtype of exp_avg / exp_avg_sq (the storage dtype)
 
 
@@ -314,16 +314,20 @@ def _stochastic(x, noise):
     return bits.view(torch.float32).to(torch.bfloat16)
 
 
-def _store(target, value, noise, V: Variant):
+def _store(target, value, aux, V: Variant):
+    """Write an fp32 result: to fp32 storage, to bf16 storage rounded to nearest or stochastically (``aux``: the
+    noise), or, for "sr_out", to the fp32 buffer ``aux``, which the caller rounds stochastically (native.py)."""
     if V.storage == "sr":
-        target.copy_(_stochastic(value, noise))
+        target.copy_(_stochastic(value, aux))
+    elif V.storage == "sr_out":
+        aux.copy_(value)
     else:
         target.copy_(value)
 
 
-def _update_pass(g, a, c, m, v, y, z, scale, s, noise_y, noise_z, V: Variant, moments_done: bool):
+def _update_pass(g, a, c, m, v, y, z, scale, s, aux_y, aux_z, V: Variant, moments_done: bool):
     """The update: direction (scaled by the StableAdamW factor ``scale``), weight decay, Schedule-Free
-    interpolation or Prodigy step; writes y (the parameter) and z in place."""
+    interpolation or Prodigy step; writes y (the parameter) and z in place (``aux_*``: see :func:`_store`)."""
     g = g.float()
     if moments_done:  # the RMS pass stored them
         m_new = m.float() if m is not None else None
@@ -353,11 +357,11 @@ def _update_pass(g, a, c, m, v, y, z, scale, s, noise_y, noise_z, V: Variant, mo
         if V.decay == "raw":
             z_new = z_new + y32 * s[_NEG_LAM]
             y_new = y_new + y32 * s[_NEG_LAM_XY]
-        _store(z, z_new, noise_z, V)
+        _store(z, z_new, aux_z, V)
     else:
         y_new = y32 * s[_KEEP] if V.decay == "scale" else y32
         y_new = y_new + u * s[_NEG_DLR]
-    _store(y, y_new, noise_y, V)
+    _store(y, y_new, aux_y, V)
 
 
 # Positions in the per-bucket scalar vector (fp32, on the bucket's device).
@@ -504,13 +508,16 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
             st.pop("p0", None)
             st.pop("s", None)
 
-    upd = _kernel("prodigy_update", _update_pass, key + (V.stable,))
+    native_sr = V.storage == "sr" and b.params[0].device.type == "cpu" and native.available()
+    if native_sr:  # the kernel writes fp32 results into a buffer in cache, native.stochastic_round_ stores them
+        V = V._replace(storage="sr_out")
+    upd = _kernel("prodigy_update", _update_pass, tuple(V) + (V.stable,))
     for i in range(n):
         a, c = factors[i]
         z = flat(b.states[i]["z"]) if V.schedulefree else None
         # (detached: dynamo gives nn.Parameter inputs static shapes, which would recompile per shape)
         args = [gs[i], a, ms[i], vs[i], flat(b.params[i].detach()), z]
-        if V.storage != "sr":
+        if V.storage not in ("sr", "sr_out"):
             g, a, m, v, y, z = args
             upd(g, a, c, m, v, y, z, scales[i], s, None, None, V, V.stable)
             continue
@@ -522,12 +529,21 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
         y_all = args[4]
         row = y_all[0].numel() if y_all.dim() > 1 else 1
         step_rows = max(1, TABLE_SIZE // row)
+        out = _sr_buffers(y_all.device, min(y_all.numel(), step_rows * row)) if native_sr else None
         for r0 in range(0, y_all.shape[0], step_rows):
             g, a_, m, v, y, z_ = (t[r0:r0 + step_rows] if t is not None else None for t in args)
             f0, count = r0 * row, y.numel()
             noise_y = table[(start_y + f0) % TABLE_SIZE:][:count].view(y.shape)
             noise_z = table[(start_z + f0) % TABLE_SIZE:][:count].view(y.shape) if z_ is not None else None
-            upd(g, a_, c, m, v, y, z_, scales[i], s, noise_y, noise_z, V, V.stable)
+            if not native_sr:
+                upd(g, a_, c, m, v, y, z_, scales[i], s, noise_y, noise_z, V, V.stable)
+                continue
+            out_y, out_z = out[0, :count].view(y.shape), out[1, :count].view(y.shape)
+            upd(g, a_, c, m, v, y, z_, scales[i], s, out_y, out_z if z_ is not None else None, V, V.stable)
+            for target, result, noise in ((y, out_y, noise_y), (z_, out_z, noise_z)):
+                if target is not None and not native.stochastic_round_(target, result, noise):
+                    raise RuntimeError("internal error: the native stochastic rounding refused contiguous CPU "
+                                       "chunks; please report this")
 
 
 def _rms(rms_k: _Kernel, g, a, c, m, v, s, V: Variant, d_eps: tuple[float, float]) -> torch.Tensor:
@@ -539,6 +555,18 @@ def _rms(rms_k: _Kernel, g, a, c, m, v, s, V: Variant, d_eps: tuple[float, float
         if uu is not None:
             return uu
     return rms_k(g, a, c, m, v, s, V)
+
+
+_sr_out: dict[torch.device, torch.Tensor] = {}
+
+
+def _sr_buffers(device: torch.device, count: int) -> torch.Tensor:
+    """Two fp32 rows of at least ``count`` elements for the results of the y and z streams before their stochastic
+    rounding (at most 2 x TABLE_SIZE elements: 8 MB, reused every step, in cache while a chunk is rounded)."""
+    buf = _sr_out.get(device)
+    if buf is None or buf.shape[1] < count:
+        buf = _sr_out[device] = torch.empty(2, max(count, 1), dtype=torch.float32, device=device)
+    return buf
 
 
 _doubled: dict[tuple[torch.device, int], torch.Tensor] = {}

@@ -121,3 +121,30 @@ def test_compiled_path_uses_it(monkeypatch):
     model(torch.randn(8, 300)).square().mean().backward()
     opt.step()
     assert ((200, 300), True) in calls and (200, 300) in rms_calls  # with the Prodigy statistics
+
+
+def test_stochastic_rounding_has_the_bits_of_the_rounding_module():
+    """(bits + noise) truncated: the same bf16 as rounding.copy_stochastic_'s integer formulation, for random bit
+    patterns of every exponent, subnormals, zeros, the largest finite values and infinities."""
+    gen = torch.Generator().manual_seed(3)
+    bits = torch.randint(-2 ** 31, 2 ** 31, (1 << 16,), generator=gen, dtype=torch.int64).to(torch.int32)
+    special = torch.tensor([0.0, -0.0, 1.0, -1.5, 2.0 ** -126, 2.0 ** -149, -2.0 ** -140, 3.4028234663852886e38,
+                            -3.4028234663852886e38, float("inf"), float("-inf"), 0.99999994, 2.0 ** 100])
+    x = torch.cat([bits.view(torch.float32), special])
+    x = x[~torch.isnan(x)].contiguous()
+    noise = torch.randint(0, 1 << 16, x.shape, generator=gen, dtype=torch.int32)
+    noise[-len(special):] = 65535
+    expected = ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+    got = torch.empty_like(expected)
+    assert native.stochastic_round_(got, x, noise)
+    assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
+
+
+def test_stochastic_rounding_refuses_what_it_does_not_handle():
+    target, x, noise = torch.empty(4, dtype=torch.bfloat16), torch.ones(4), torch.zeros(4, dtype=torch.int32)
+    assert not native.stochastic_round_(target.float(), x, noise)
+    assert not native.stochastic_round_(target, x.double(), noise)
+    assert not native.stochastic_round_(target, x, noise.long())
+    assert not native.stochastic_round_(torch.empty(4, 2, dtype=torch.bfloat16).t(), torch.ones(2, 4), noise.view(2, 2))
+    with pytest.raises(RuntimeError, match="one size"):
+        native.stochastic_round_(target, torch.ones(5), torch.zeros(5, dtype=torch.int32))
