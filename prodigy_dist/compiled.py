@@ -18,6 +18,10 @@ Passes over memory per parameter of a 2-D tensor (fp32; bf16 halves every figure
   native on a CPU for factored Schedule-Free tensors), yield, then one fused pass that reads g, y and z and writes
   y and z (4 + 20 B/param). Prodigy mode writes the first moment in the RMS pass and reads it in the update pass;
   ``factored=False`` does the same with the full second moment; ``eps=None`` (Adam-atan2) has no RMS pass.
+  bf16 storage with stochastic rounding on a CPU: the update pass writes each chunk's fp32 results (at most
+  TABLE_SIZE elements of y and z: 8 MB, reused) into a buffer that stays in cache, and a native kernel rounds them
+  into the bf16 storage with the noise table (inductor's CPU code turns the bit casts of the rounding into scalar
+  loops, which made that pass five times slower than rounding to nearest). Elsewhere the compiled pass rounds.
 
 Default options: 32 B/param on a CPU (40 with inductor's statistics; fused AdamW: 28). No parameter-sized temporary
 is allocated: the largest buffers are the per-thread column sums and the new Prodigy ``s`` (1/11, bf16).
