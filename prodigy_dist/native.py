@@ -1,4 +1,4 @@
-"""Native CPU kernels for the two reduction passes of the compiled step, where inductor cannot reach the bandwidth.
+"""Native CPU kernels for three parts of the compiled step where inductor's CPU code falls well short of bandwidth.
 
 * :func:`statistics` -- the factored statistics: the row and the column sums of g^2 in one streaming pass.
   Inductor always emits the row reduction and the column reduction of a 2-D tensor as two loops over it (the
@@ -17,8 +17,9 @@
   (a store and a reload per vector of the loop) and its row reductions reload the broadcast scalars in the inner
   loop; both run at about half of the memory bandwidth on a CPU.
 
-Sums accumulate in fp32 per row (per block for the Prodigy sums) and in double across rows and threads; the
-elementwise roundings are those of the compiled kernels (``-ffp-contract=off``: no fused multiply-adds), so the new
+Row sums accumulate in fp32 per row and column sums in fp32 per thread; the Prodigy sums in fp32 per block of rows
+and in double across blocks and threads; the RMS sum in fp32 per row and in double across rows. The elementwise
+roundings are those of the compiled kernels (``-ffp-contract=off``: no fused multiply-adds), so the new
 ``s`` is bit-identical to the compiled kernel's. The kernels are built with ``torch.utils.cpp_extension`` on first
 use, with the vector instructions of the CPU capability torch reports (a C++ compiler and ninja are needed; tens of
 seconds, cached by torch in ``~/.cache/torch_extensions``). If the build fails, that is logged once and the
@@ -44,7 +45,12 @@ _SOURCE = r"""
 
 // Element loads as fp32: bf16 is the upper half of an fp32 (a shift, which vectorises).
 static inline float as_float(float x) { return x; }
-static inline float as_float(uint16_t x) { uint32_t bits = uint32_t(x) << 16; float f; std::memcpy(&f, &bits, 4); return f; }
+static inline float as_float(uint16_t x) {
+  const uint32_t bits = uint32_t(x) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
 
 // Four rows: their sums of x^2 into out[0..3], and x^2 added to acc. Pointers are __restrict parameters (not
 // lambda captures), so the compiler keeps every scalar in a register and vectorises with plain loads; acc is read
@@ -101,9 +107,9 @@ struct Sample {  // what the Prodigy statistics of one tensor need (samples at f
   float beta3, delta;
 };
 
-// The Prodigy statistics of the sampled elements of one row, with the roundings of the compiled kernel
-// (prodigy_dist.compiled._sample_pass): dot(g, p0 - x); then s_new = beta3 s + delta g and sum |s_new|, or SPEED's
-// sums of |p0 - x| and (p0 - x)^2. Every element of x's row is in one of the lines read here.
+// The Prodigy statistics of the sampled elements among flat indices [first, first + span) (a block of rows), with
+// the roundings of the compiled kernel (prodigy_dist.compiled._sample_pass): dot(g, p0 - x); then
+// s_new = beta3 s + delta g and sum |s_new|, or SPEED's sums of |p0 - x| and (p0 - x)^2. Added to acc[0..2].
 template <typename T>
 static inline void row_samples(const T* __restrict row, const T* __restrict xrow, int64_t first, int64_t span,
                                const Sample& S, double* __restrict acc) {
@@ -302,8 +308,10 @@ def _load():
                 isa = torch.backends.cpu.get_cpu_capability()
                 flags = _ISA_FLAGS.get(isa, [])
                 _module = load_inline(name=f"prodigy_dist_native_v8_{isa.lower() if flags else 'base'}",
-                                      cpp_sources=[_SOURCE], functions=["statistics", "rms_factored", "stochastic_round_"],
-                                      extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"] + flags, extra_ldflags=["-fopenmp"],
+                                      cpp_sources=[_SOURCE],
+                                      functions=["statistics", "rms_factored", "stochastic_round_"],
+                                      extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"] + flags,
+                                      extra_ldflags=["-fopenmp"],
                                       verbose=False)
             except Exception as e:  # no compiler, no ninja, a build error: keep the compiled kernels
                 _failed = True
