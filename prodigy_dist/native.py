@@ -307,6 +307,8 @@ def _load():
                 from torch.utils.cpp_extension import load_inline
                 isa = torch.backends.cpu.get_cpu_capability()
                 flags = _ISA_FLAGS.get(isa, [])
+                logger.info("loading the native CPU kernels (%s); the first use on a machine builds them, ~20 s",
+                            isa)
                 _module = load_inline(name=f"prodigy_dist_native_v8_{isa.lower() if flags else 'base'}",
                                       cpp_sources=[_SOURCE],
                                       functions=["statistics", "rms_factored", "stochastic_round_"],
