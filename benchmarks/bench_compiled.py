@@ -67,10 +67,10 @@ def bytes_per_param(options: dict, dtype: str, native_kernels: bool) -> int:
     sf = options.get("use_schedulefree", True)
     full = not options.get("factored", True)
     stable = options.get("eps", 1e-8) is not None
-    if full:  # phase A: sum g^2, then the Prodigy sample: strided walks over g and z (or y) touch every line
-        total = 3 * e
-    elif native_kernels:  # one native pass: g, and the strided walk over z (or y)
+    if native_kernels:  # phase A, one native pass: g, and the strided walk over z (or y) touches every line
         total = 2 * e
+    elif full:  # sum g^2, then the Prodigy sample: strided walks over g and z (or y)
+        total = 3 * e
     else:  # row sums and per-block column sums (2 loops), then the strided walks over g and z
         total = 4 * e
     if stable:

@@ -9,7 +9,7 @@ Passes over memory per parameter of a 2-D tensor (fp32; bf16 halves every figure
 * phase A, factored statistics and Prodigy sample. On a CPU, one native pass (:mod:`prodigy_dist.native`) reads g
   once for the row and column sums of g^2 and, block by block, computes the Prodigy sums on the sampled elements
   (every 11th) with g still in cache: 4 B/param for g plus 4 B/param for z (or y), whose sampled walk at a stride
-  of 44 bytes touches every cache line. Elsewhere (or if the native build failed) inductor does it in three reads:
+  of 44 bytes touches every cache line. Unfactored 2-D tensors use the same pass for their sum of g^2. Elsewhere (or if the native build failed) inductor does it in three reads:
   the row sums and the column sums accumulated per block of ROW_BLOCK rows (inductor emits these as two loops: no
   formulation tried -- blocked rows, square tiles, permuted tiles, artificial dependencies for its outer-loop
   fusion -- got it to share one loop between a reduction over rows and one over columns), then one kernel over
@@ -416,6 +416,26 @@ def _row_col(b: Bucket, i: int, dr: int, dc: int) -> tuple[torch.Tensor, torch.T
     return (cols, rows) if dr == 0 else (rows, cols)
 
 
+def _sq_norms(b: Bucket) -> list[torch.Tensor]:
+    """Sums of g^2 of an unfactored bucket: for 2-D pieces on a CPU, from the native pass, which computes their
+    Prodigy statistics in the same read of g (the column sums it also returns are not needed here)."""
+    out: list[torch.Tensor | None] = [None] * len(b.grads)
+    for i, g in enumerate(b.grads):
+        if g.device.type == "cpu" and g.dim() == 2:
+            sums = native.statistics(g, _native_sample(b, i))
+            if sums is not None:
+                rows, _, prodigy, s_new = sums
+                out[i] = rows.sum()
+                if prodigy is not None:
+                    b.prodigy_parts[i] = (prodigy, s_new)
+    rest = [i for i, t in enumerate(out) if t is None]
+    if rest:
+        norms = torch._foreach_norm([b.grads[i] for i in rest], dtype=torch.float32)
+        for i, t in zip(rest, norms):
+            out[i] = t.square()
+    return out
+
+
 def _native_sample(b: Bucket, i: int) -> tuple | None:
     """What the native statistics pass needs to compute piece ``i``'s Prodigy statistics too (None: not wanted)."""
     st = b.states[i]
@@ -459,7 +479,7 @@ def _data(b: Bucket, i: int) -> torch.Tensor:
 def statistics(b: Bucket) -> list[torch.Tensor]:
     """Phase A (same contract as :func:`kernels.statistics`), with the compiled factored statistics and Prodigy
     sample."""
-    return kernels.statistics(b, row_col=_row_col, prodigy_sample=_prodigy_sample)
+    return kernels.statistics(b, row_col=_row_col, prodigy_sample=_prodigy_sample, sq_norms=_sq_norms)
 
 
 # ------------------------------------------------------------------------------------------ phase B

@@ -109,12 +109,12 @@ def _sq_norm(t: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ phase A
 @torch.no_grad()
-def statistics(b: Bucket, row_col=None, prodigy_sample=None) -> list[torch.Tensor]:
+def statistics(b: Bucket, row_col=None, prodigy_sample=None, sq_norms=None) -> list[torch.Tensor]:
     """Phase A: fill ``b.row_parts``, ``b.col_parts``, ``b.s_new`` and ``b.stats``; read-only on all state.
 
     ``row_col(b, i, dr, dc)``: optional replacement for the factored statistics of piece ``i`` (the compiled fast
     path passes its own); returns the fp32 sums of g^2 over dr and over dc, keepdim. ``prodigy_sample(b, stats)``:
-    likewise for :func:`_prodigy_sample`.
+    likewise for :func:`_prodigy_sample`; ``sq_norms(b)``: likewise for the sums of g^2 of an unfactored bucket.
 
     Returns the partial sums that must be summed across ranks before phase B (the factored statistics along a
     sharded dim); ``b.stats`` is reduced by the caller together with every other bucket's rows.
@@ -157,6 +157,8 @@ def statistics(b: Bucket, row_col=None, prodigy_sample=None) -> list[torch.Tenso
                 sums = torch.cat([r.sum(dim=dc, keepdim=True), r_new.sum(dim=dc, keepdim=True)])
                 b.r_sums[len(b.row_parts) - 1] = sums
                 to_reduce.append(sums)
+    elif sq_norms is not None:
+        gsq = sq_norms(b)
     else:
         gsq = [t.square() for t in torch._foreach_norm(b.grads, dtype=torch.float32)]
     stats[:, GSQ] = torch.stack(gsq)
