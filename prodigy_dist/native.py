@@ -23,12 +23,13 @@ roundings are those of the compiled kernels (``-ffp-contract=off``: no fused mul
 ``s`` is bit-identical to the compiled kernel's. The kernels are built with ``torch.utils.cpp_extension`` on first
 use, with the vector instructions of the CPU capability torch reports (a C++ compiler and ninja are needed; tens of
 seconds, cached by torch in ``~/.cache/torch_extensions``). If the build fails, that is logged once and the
-compiled path uses its own kernels.
+compiled path uses its own kernels; ``PRODIGY_DIST_NATIVE=0`` in the environment keeps them off.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 import torch
@@ -297,10 +298,18 @@ _module = None
 _failed = False
 
 
+#: Set to 0 to keep the native kernels off (the compiled kernels do their work; for comparisons and diagnosis).
+ENV_SWITCH = "PRODIGY_DIST_NATIVE"
+
+
 def _load():
     global _module, _failed
     if _module is not None or _failed:
         return _module
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        logger.info("%s=0: the native CPU kernels are off; the compiled path uses its own kernels", ENV_SWITCH)
+        _failed = True
+        return None
     with _lock:
         if _module is None and not _failed:
             try:

@@ -148,3 +148,11 @@ def test_stochastic_rounding_refuses_what_it_does_not_handle():
     assert not native.stochastic_round_(torch.empty(4, 2, dtype=torch.bfloat16).t(), torch.ones(2, 4), noise.view(2, 2))
     with pytest.raises(RuntimeError, match="one size"):
         native.stochastic_round_(target, torch.ones(5), torch.zeros(5, dtype=torch.int32))
+
+
+def test_the_environment_switch_keeps_the_kernels_off(monkeypatch):
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(native, "_failed", False)
+    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    assert not native.available() and native.statistics(torch.ones(4, 4)) is None
+    assert native.rms_factored(torch.ones(4, 4), torch.ones(4), torch.ones(4), 1.0, 0.0) is None
