@@ -8,10 +8,12 @@ interleaved rounds (the order rotates every round; medians reported):
   foreach    torch.optim.AdamW(foreach=True)
   upstream   prodigyplus.ProdigyPlusScheduleFree  (prodigy-plus-schedule-free, same options where it has them)
   eager      ours with fast_path="eager"
-  compiled   ours with fast_path="compiled"
+  compiled   ours with fast_path="compiled"   (every supported tensor compiled, the small ones too)
+  auto       ours with fast_path="auto"       (the default: on one process the small tensors stay in the eager
+                                              multi-tensor kernels; compiled on a CPU from 2^24 parameters)
   copy       a bandwidth probe: copy_ between two 256 MiB buffers (bytes read + written / time)
 
-and reports ms/step, the ratios of ``compiled`` to each of the others, the bytes per parameter the compiled passes
+and reports ms/step, the ratios of ``compiled`` to each of the others, ``auto``'s ratio to fused AdamW, the bytes per parameter the compiled passes
 move (counted from the passes, for the 2-D tensors that hold >99% of the parameters), the floor (those bytes over
 the copy bandwidth measured in the same rounds) and the compile time (first step of ``compiled`` minus a warm step).
 
@@ -120,6 +122,7 @@ def time_case(set_name: str, variant: str, threads: int, steps: int, with_baseli
         return ps
 
     factories = {"compiled": lambda ps: ProdigyPlusScheduleFree(ps, fast_path="compiled", **options),
+                 "auto": lambda ps: ProdigyPlusScheduleFree(ps, fast_path="auto", **options),
                  "fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)}
     if with_baselines:
         factories["foreach"] = lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True)
@@ -180,12 +183,15 @@ def row(res: dict) -> list[str]:
             str(res["moved"]), f"{res['floor_ms']:.1f}", f"{c / res['floor_ms']:.2f}",
             f"{ms['fused'] / res['adamw_floor_ms']:.2f}" if "fused" in ms else "-",
             f"{c / (ms['fused'] * res['moved'] / res['adamw_moved']):.2f}",
+            val("auto"), f"{ms['auto'] / ms['fused']:.2f}",
+            f"{ms['auto'] / (ms['fused'] * res['moved'] / res['adamw_moved']):.2f}",
             f"{res['bandwidth']:.1f}", f"{res['compile_s']:.1f}"]
 
 
 HEADER = ["set", "variant", "threads", "compiled ms", "AdamW fused ms", "AdamW foreach ms", "upstream ms",
           "eager ms", "x fused", "x foreach", "x upstream", "x eager", "B/param", "floor ms", "x floor",
-          "fused x its floor", "x floor at AdamW(fused)'s bandwidth", "copy GB/s", "compile s"]
+          "fused x its floor", "x floor at AdamW(fused)'s bandwidth", "auto ms", "auto x fused",
+          "auto x floor at AdamW(fused)'s bandwidth", "copy GB/s", "compile s"]
 
 
 def md(rows) -> str:
