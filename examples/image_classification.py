@@ -27,7 +27,7 @@ except ImportError:  # a clone used without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from launch import engines
-from launch.config import (ConfigError, Parser, add_config_arguments, check_choice, check_non_negative,
+from launch.config import (Parser, add_config_arguments, check_choice, check_non_negative, parse_or_exit,
                            check_positive, describe, resolve)
 from launch.metrics import MetricsLog
 
@@ -138,11 +138,7 @@ def parse_args(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        config, _ = parse_args(argv)
-    except ConfigError as exc:
-        print(f"image_classification.py: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    config, _ = parse_or_exit(parse_args, argv, "image_classification.py")
     runtime = engines.start(config.engine)
     if runtime.is_main:
         Path(config.out).mkdir(parents=True, exist_ok=True)

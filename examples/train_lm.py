@@ -39,7 +39,7 @@ except ImportError:  # a clone used without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from launch import checkpoints, engines
-from launch.config import (ConfigError, Parser, add_config_arguments, check_choice, check_non_negative,
+from launch.config import (ConfigError, Parser, add_config_arguments, check_choice, check_non_negative, parse_or_exit,
                            check_positive, describe, resolve)
 from launch.metrics import MetricsLog, plot, read
 
@@ -351,11 +351,7 @@ def parse_args(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        config, args = parse_args(argv)
-    except ConfigError as exc:
-        print(f"train_lm.py: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    config, args = parse_or_exit(parse_args, argv, "train_lm.py")
     runtime = engines.start(config.engine)
     resume = args.resume or runtime.restart > 0  # torchrun restarted the workers: continue, never start over
     if args.compare:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import typing
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,16 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> typing.NoReturn:
         raise ConfigError(message)
+
+
+def parse_or_exit(parse: typing.Callable[[list[str] | None], Any], argv: list[str] | None, prog: str) -> Any:
+    """``parse(argv)``; on bad input, one line ``<prog>: error: ...`` on stderr and exit status 2 (an example's
+    command line, checked before any training starts)."""
+    try:
+        return parse(argv)
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 def find_config(name: str) -> Path:
