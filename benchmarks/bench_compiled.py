@@ -157,7 +157,7 @@ def time_case(set_name: str, variant: str, threads: int, steps: int, with_baseli
                 times[name].append(time.perf_counter() - t0)
     med = {n: statistics.median(v) for n, v in times.items()}
     bandwidth = 2 * src.numel() * 4 / med["copy"]  # bytes read + written per second
-    moved = bytes_per_param(options, dtype_name, native.statistics(torch.ones(2, 2)) is not None)
+    moved = bytes_per_param(options, dtype_name, native.available())
     out = dict(set=set_name, variant=variant, threads=threads, params=n_params, moved=moved,
                floor_ms=moved * n_params / bandwidth * 1e3, bandwidth=bandwidth / 1e9,
                ms={n: med[n] * 1e3 for n in opts},

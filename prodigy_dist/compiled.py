@@ -396,14 +396,9 @@ def _row_col(b: Bucket, i: int, dr: int, dc: int) -> tuple[torch.Tensor, torch.T
     serves every shape).
     """
     g = b.grads[i]
-    sums = None
-    if g.device.type == "cpu":
-        sums = native.statistics(g, _native_sample(b, i))
-    if sums is not None:  # one streaming pass (prodigy_dist.native), with the Prodigy statistics if asked for
-        rows, cols, prodigy, s_new = sums
-        if prodigy is not None:
-            b.prodigy_parts[i] = (prodigy, s_new)
-        rows, cols = rows.view(-1, 1), cols.view(1, -1)
+    sums = _native_pass(b, i)
+    if sums is not None:
+        rows, cols = sums[0].view(-1, 1), sums[1].view(1, -1)
         return (cols, rows) if dr == 0 else (rows, cols)
     main = g.shape[0] - g.shape[0] % ROW_BLOCK
     if main:
@@ -421,13 +416,9 @@ def _sq_norms(b: Bucket) -> list[torch.Tensor]:
     Prodigy statistics in the same read of g (the column sums it also returns are not needed here)."""
     out: list[torch.Tensor | None] = [None] * len(b.grads)
     for i, g in enumerate(b.grads):
-        if g.device.type == "cpu" and g.dim() == 2:
-            sums = native.statistics(g, _native_sample(b, i))
-            if sums is not None:
-                rows, _, prodigy, s_new = sums
-                out[i] = rows.sum()
-                if prodigy is not None:
-                    b.prodigy_parts[i] = (prodigy, s_new)
+        sums = _native_pass(b, i) if g.dim() == 2 else None
+        if sums is not None:
+            out[i] = sums[0].sum()
     rest = [i for i, t in enumerate(out) if t is None]
     if rest:
         norms = torch._foreach_norm([b.grads[i] for i in rest], dtype=torch.float32)
@@ -436,13 +427,27 @@ def _sq_norms(b: Bucket) -> list[torch.Tensor]:
     return out
 
 
+def _native_pass(b: Bucket, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Piece ``i``'s sums of g^2 along dim 1 and along dim 0 from the native pass (on a CPU), which computes its
+    Prodigy statistics in the same read of g and leaves them in ``b.prodigy_parts``; None where it does not apply."""
+    if b.grads[i].device.type != "cpu":
+        return None
+    sums = native.statistics(b.grads[i], _native_sample(b, i))
+    if sums is None:
+        return None
+    rows, cols, prodigy, s_new = sums
+    if prodigy is not None:
+        b.prodigy_parts[i] = (prodigy, s_new)
+    return rows, cols
+
+
 def _native_sample(b: Bucket, i: int) -> tuple | None:
     """What the native statistics pass needs to compute piece ``i``'s Prodigy statistics too (None: not wanted)."""
     st = b.states[i]
     if not (b.sc["prodigy_active"] and not b.sc["adopt_first"] and "p0" in st):
         return None
     s = None if b.group["use_speed"] else st["s"]
-    return b.layouts[i].slice_start, _data(b, i), st["p0"], s, b.sc["beta3"], b.sc["delta"]
+    return b.layouts[i].slice_start, kernels.prodigy_data(b, i), st["p0"], s, b.sc["beta3"], b.sc["delta"]
 
 
 def _prodigy_sample(b: Bucket, stats: torch.Tensor) -> None:
@@ -453,7 +458,7 @@ def _prodigy_sample(b: Bucket, stats: torch.Tensor) -> None:
     sv = torch.tensor([sc["beta3"], sc["delta"]], dtype=torch.float32, device=stats.device)
     outs = []
     for i, (g, st, layout) in enumerate(zip(b.grads, b.states, b.layouts)):
-        data = _data(b, i)
+        data = kernels.prodigy_data(b, i)
         part = b.prodigy_parts.get(i)
         if part is not None:
             sums, s_new = part
@@ -468,11 +473,6 @@ def _prodigy_sample(b: Bucket, stats: torch.Tensor) -> None:
         stats[:, L2SQ] = torch.stack([o[2] for o in outs])
     else:
         b.s_new = [o[3] for o in outs]
-
-
-def _data(b: Bucket, i: int) -> torch.Tensor:
-    """The tensor whose samples enter the Prodigy statistics of piece ``i``: z (Schedule-Free) or the parameter."""
-    return b.states[i]["z"] if b.group["use_schedulefree"] else b.params[i].detach()
 
 
 @torch.no_grad()

@@ -171,11 +171,16 @@ def statistics(b: Bucket, row_col=None, prodigy_sample=None, sq_norms=None) -> l
     return to_reduce
 
 
+def prodigy_data(b: Bucket, i: int) -> torch.Tensor:
+    """The tensor whose samples enter the Prodigy statistics of piece ``i``: z (Schedule-Free) or the parameter."""
+    return b.states[i]["z"] if b.group["use_schedulefree"] else b.params[i].detach()
+
+
 def _prodigy_sample(b: Bucket, stats: torch.Tensor) -> None:
     """The Prodigy statistics on the sampled slice: fills the DOT, ABS_S (and SPEED's L2SQ) columns of ``stats``
     and ``b.s_new``."""
     sc, group = b.sc, b.group
-    data = [st["z"] if group["use_schedulefree"] else p for st, p in zip(b.states, b.params)]
+    data = [prodigy_data(b, i) for i in range(len(b.params))]
     gs = [sample(g, lay) for g, lay in zip(b.grads, b.layouts)]
     es = torch._foreach_sub([st["p0"] for st in b.states], [sample(t, lay) for t, lay in zip(data, b.layouts)])
     stats[:, DOT] = torch.stack([torch.dot(g.to(e.dtype), e).float() for g, e in zip(gs, es)])

@@ -7,7 +7,7 @@ from prodigy_dist import native
 
 
 def _built() -> bool:
-    return native.statistics(torch.ones(2, 2)) is not None
+    return native.available()
 
 
 pytestmark = pytest.mark.skipif(not _built(), reason="no C++ toolchain: the native kernel could not be built")
