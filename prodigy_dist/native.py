@@ -6,7 +6,9 @@
   are finished at once (four rows per sweep) and their squares added to the thread's own column accumulator; the
   accumulators are added at the end. After each block, the same pass computes the block's Prodigy statistics on
   its sampled elements (every 11th of the global flattening): dot(g, p0 - x) with g still in cache and x (z or
-  the parameter) in one strided walk, and the new ``s`` with sum |s|, or SPEED's sums. The compiled alternative,
+  the parameter) in one strided walk, and the new ``s`` with sum |s|, or SPEED's sums. With AVX-512 the walk takes
+  sixteen samples from eleven contiguous vector loads and six permutes (a gather per sixteen samples cost as much
+  again as the walk's memory reads: 25.5 -> 22.2 ms for the fp32 matrices of GPT-2 124M, 2 threads). The compiled alternative,
   a separate kernel over strided views, reads g and x again.
 * :func:`stochastic_round_` -- the stochastic rounding of the bf16 update's results (fp32 bits plus noise,
   truncated). Inductor's CPU code scalarises the bit casts it needs, which made the bf16 update pass five times
@@ -108,6 +110,73 @@ struct Sample {  // what the Prodigy statistics of one tensor need (samples at f
   float beta3, delta;
 };
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+// AVX-512: sixteen samples (elements 0, 11, ..., 165 of a 176-element window) from eleven contiguous vector loads
+// and six permutes, instead of a gather per sixteen (gathers made the sampled walk twice as expensive as its reads).
+static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+template <typename T>
+static inline __m512 every11(const T* __restrict p) {
+  // sample m sits in vector (11 m) / 16 at lane (11 m) % 16; pairs of vectors hold three samples each
+  const __m512i i0 = _mm512_setr_epi32(0, 11, 22, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m512i i1 = _mm512_setr_epi32(0, 0, 0, 1, 12, 23, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m512i i2 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 2, 13, 24, 0, 0, 0, 0, 0, 0, 0);
+  const __m512i i3 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 3, 14, 25, 0, 0, 0, 0);
+  const __m512i i4 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 15, 26, 0);
+  const __m512i i5 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5);
+  __m512 r = _mm512_permutex2var_ps(load16(p), i0, load16(p + 16));
+  r = _mm512_mask_mov_ps(r, 0x0038, _mm512_permutex2var_ps(load16(p + 32), i1, load16(p + 48)));
+  r = _mm512_mask_mov_ps(r, 0x01c0, _mm512_permutex2var_ps(load16(p + 64), i2, load16(p + 80)));
+  r = _mm512_mask_mov_ps(r, 0x0e00, _mm512_permutex2var_ps(load16(p + 96), i3, load16(p + 112)));
+  r = _mm512_mask_mov_ps(r, 0x7000, _mm512_permutex2var_ps(load16(p + 128), i4, load16(p + 144)));
+  return _mm512_mask_mov_ps(r, 0x8000, _mm512_permutexvar_ps(i5, load16(p + 160)));
+}
+static inline __m512 round_bf16_16(__m512 x) {  // round_bf16 on sixteen lanes
+  const __m512i b = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_and_si512(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb),
+                               _mm512_set1_epi32(int(0xffff0000u)));
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc00000));
+  return _mm512_castsi512_ps(r);
+}
+// Samples [0, n) in groups of sixteen while the 176-element window stays inside the `avail` elements from gk;
+// returns how many were done.
+template <typename T>
+static inline int64_t samples16(const T* __restrict gk, const T* __restrict xk, int64_t count, int64_t avail,
+                                const uint16_t* __restrict p0, const uint16_t* __restrict s,
+                                uint16_t* __restrict s_new, float beta3, float delta_g, float* out) {
+  constexpr bool low = sizeof(T) == 2;
+  __m512 dot = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps();
+  const __m512 b3 = _mm512_set1_ps(beta3), dg = _mm512_set1_ps(delta_g);
+  int64_t n = 0;
+  for (; n + 16 <= count && 11 * n + 176 <= avail; n += 16) {
+    const __m512 g = every11(gk + 11 * n);
+    __m512 e = _mm512_sub_ps(load16(p0 + n), every11(xk + 11 * n));
+    if (low) e = round_bf16_16(e);
+    dot = _mm512_add_ps(dot, _mm512_mul_ps(g, e));
+    if (s == nullptr) {  // SPEED
+      a1 = _mm512_add_ps(a1, _mm512_abs_ps(e));
+      a2 = _mm512_add_ps(a2, _mm512_mul_ps(e, e));
+    } else {
+      const __m512 s1 = round_bf16_16(_mm512_mul_ps(load16(s + n), b3));
+      __m512 step = _mm512_mul_ps(g, dg);
+      if (low) step = round_bf16_16(step);
+      const __m512 sn = round_bf16_16(_mm512_add_ps(s1, step));
+      _mm256_storeu_si256((__m256i*)(s_new + n), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(sn), 16)));
+      a1 = _mm512_add_ps(a1, _mm512_abs_ps(sn));
+    }
+  }
+  out[0] = _mm512_reduce_add_ps(dot);
+  out[1] = _mm512_reduce_add_ps(a1);
+  out[2] = _mm512_reduce_add_ps(a2);
+  return n;
+}
+#define PRODIGY_DIST_SAMPLES16 1
+#endif
+
 // The Prodigy statistics of the sampled elements among flat indices [first, first + span) (a block of rows), with
 // the roundings of the compiled kernel (prodigy_dist.compiled._sample_pass): dot(g, p0 - x); then
 // s_new = beta3 s + delta g and sum |s_new|, or SPEED's sums of |p0 - x| and (p0 - x)^2. Added to acc[0..2].
@@ -125,9 +194,17 @@ static inline void row_samples(const T* __restrict row, const T* __restrict xrow
   uint16_t* __restrict s_new = S.s_new == nullptr ? nullptr : S.s_new + n0;
   const float beta3 = S.beta3, delta_g = low ? round_bf16(S.delta) : S.delta;
   float dot = 0.f, a1 = 0.f, a2 = 0.f;
+  int64_t n1 = 0;  // samples done by the vector path
+#ifdef PRODIGY_DIST_SAMPLES16
+  float vec[3];
+  n1 = samples16(gk, xk, count, first + span - k0, p0, s, s_new, beta3, delta_g, vec);
+  dot = vec[0];
+  a1 = vec[1];
+  a2 = vec[2];
+#endif
   if (s == nullptr) {  // SPEED
     #pragma omp simd reduction(+:dot, a1, a2)
-    for (int64_t n = 0; n < count; ++n) {
+    for (int64_t n = n1; n < count; ++n) {
       const float g = as_float(gk[11 * n]);
       float e = as_float(p0[n]) - as_float(xk[11 * n]);
       if (low) e = round_bf16(e);
@@ -137,7 +214,7 @@ static inline void row_samples(const T* __restrict row, const T* __restrict xrow
     }
   } else {
     #pragma omp simd reduction(+:dot, a1)
-    for (int64_t n = 0; n < count; ++n) {
+    for (int64_t n = n1; n < count; ++n) {
       const float g = as_float(gk[11 * n]);
       float e = as_float(p0[n]) - as_float(xk[11 * n]);
       if (low) e = round_bf16(e);
@@ -318,7 +395,7 @@ def _load():
                 flags = _ISA_FLAGS.get(isa, [])
                 logger.info("loading the native CPU kernels (%s); the first use on a machine builds them, ~20 s",
                             isa)
-                _module = load_inline(name=f"prodigy_dist_native_v8_{isa.lower() if flags else 'base'}",
+                _module = load_inline(name=f"prodigy_dist_native_v9_{isa.lower() if flags else 'base'}",
                                       cpp_sources=[_SOURCE],
                                       functions=["statistics", "rms_factored", "stochastic_round_"],
                                       extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"] + flags,

@@ -79,6 +79,32 @@ def test_prodigy_statistics_refuse_what_they_do_not_handle():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_new_s_bits_with_non_finite_values_match_the_compiled_sample_kernel(dtype):
+    """NaN, +-Inf and huge values in g and s: the same bf16 values of the new s as the compiled kernel, on the
+    vectorised (sixteen samples at a time) and the scalar part of the walk."""
+    from prodigy_dist import compiled
+
+    gen = torch.Generator().manual_seed(2)
+    g = (torch.randn(300, 64, generator=gen) * 1e-2)
+    flat = g.view(-1)
+    flat[0:11 * 40:11 * 3] = float("nan")
+    flat[11 * 7::11 * 53] = float("inf")
+    flat[11 * 9::11 * 61] = -3e38
+    g = g.to(dtype)
+    x = torch.randn(300, 64, generator=gen).to(dtype)
+    xs = x.reshape(-1)[0::11]
+    p0 = xs.float().bfloat16()
+    s = (torch.randn(xs.shape, generator=gen) * 1e-3).bfloat16()
+    s[5::37] = float("inf")
+    s[6::41] = float("nan")
+    _, _, _, s_new = native.statistics(g, (0, x, p0, s, 0.99, 3.7e-4))
+    _, _, _, s_ref = compiled._sample_pass(g.reshape(-1)[0::11], xs, p0, s, torch.tensor([0.99, 3.7e-4]), False)
+    assert s_new.isnan().any() and s_new.isinf().any()
+    nan = s_new.isnan()  # (NaN payloads and signs may differ: a NaN s means the step is refused anyway)
+    assert torch.equal(nan, s_ref.isnan())
+    assert torch.equal(s_new[~nan].view(torch.int16), s_ref[~nan].view(torch.int16))
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(0, 40), (1, 7), (33, 70), (257, 1000), (3000, 33)])
 def test_rms_factored_is_the_sum_of_the_squared_update(shape, dtype):
     gen = torch.Generator().manual_seed(2)
