@@ -483,21 +483,29 @@ def statistics(b: Bucket) -> list[torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------ phase B
-def _factors(b: Bucket, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Update the factored second moment of tensor ``i`` (small vectors, eager, the same operations as the eager
-    path) and return the square roots of the two factors of the estimate as 1-D vectors: one per row, one per column
-    of the piece (sqrt(R_i C_j / mean R) is computed as their product, up to an ulp of the eager path's value)."""
-    st, row, col, (dr, dc), layout = b.states[i], b.row_parts[i], b.col_parts[i], b.dims[i], b.layouts[i]
+def _factors(b: Bucket) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Update the factored second moments of the bucket (small vectors, the operations of the eager path, batched
+    in multi-tensor calls) and return, per tensor, the square roots of the two factors of the estimate as 1-D
+    vectors: one per row, one per column of the piece (sqrt(R_i C_j / mean R) is computed as their product, up to
+    an ulp of the eager path's value)."""
     d, beta2 = b.sc["d"], b.sc["beta2"]
-    r, c = st["exp_avg_sq_row"], st["exp_avg_sq_col"]
-    shape = layout.global_shape
-    r.mul_(beta2).add_(row.mul_(1.0 / shape[dr]), alpha=(1 - beta2) * d * d)
-    c.mul_(beta2).add_(col.mul_(1.0 / shape[dc]), alpha=(1 - beta2) * d * d)
-    sums = b.r_sums.get(i)
-    total = sums[1:2] if sums is not None else r.sum(dim=dc, keepdim=True)
-    rn = (r / total.div(shape[dc]).add_(1e-30)).sqrt_().reshape(-1)
-    sc = c.sqrt().reshape(-1)
-    return (sc, rn) if dr == 0 else (rn, sc)  # rows, then cols
+    rs = [st["exp_avg_sq_row"] for st in b.states]
+    cs = [st["exp_avg_sq_col"] for st in b.states]
+    shapes = [lay.global_shape for lay in b.layouts]
+    alpha = (1 - beta2) * d * d
+    for moments, parts, dim in ((rs, b.row_parts, 0), (cs, b.col_parts, 1)):
+        torch._foreach_mul_(parts, [1.0 / shape[dims[dim]] for shape, dims in zip(shapes, b.dims)])
+        torch._foreach_mul_(moments, beta2)
+        torch._foreach_add_(moments, parts, alpha=alpha)
+    totals = [b.r_sums[i][1:2] if i in b.r_sums else r.sum(dim=dc, keepdim=True)
+              for i, (r, (_, dc)) in enumerate(zip(rs, b.dims))]
+    means = torch._foreach_div(totals, [float(shape[dc]) for shape, (_, dc) in zip(shapes, b.dims)])
+    torch._foreach_add_(means, 1e-30)
+    rns = torch._foreach_div(rs, means)
+    torch._foreach_sqrt_(rns)
+    scs = torch._foreach_sqrt(cs)
+    return [(sc.reshape(-1), rn.reshape(-1)) if dr == 0 else (rn.reshape(-1), sc.reshape(-1))  # rows, then cols
+            for rn, sc, (dr, _) in zip(rns, scs, b.dims)]
 
 
 @torch.no_grad()
@@ -514,7 +522,7 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
         factors = [(None, None)] * n
     else:
         flat = lambda t: t  # noqa: E731
-        factors = [_factors(b, i) for i in range(n)]
+        factors = _factors(b)
     ms = [flat(st["exp_avg"]) if not V.schedulefree else None for st in b.states]
     vs = [flat(st["exp_avg_sq"]) if V.full else None for st in b.states]
     gs = [flat(g) for g in b.grads]
