@@ -12,10 +12,14 @@ interleaved rounds (the order rotates every round; medians reported):
   auto       ours with fast_path="auto"       (the default: on one process the small tensors stay in the eager
                                               multi-tensor kernels; compiled on a CPU from 2^24 parameters)
   copy       a bandwidth probe: copy_ between two 256 MiB buffers (bytes read + written / time)
+  read       a read-bandwidth probe: sum() of one 256 MiB buffer (bytes read / time)
 
 and reports ms/step, the ratios of ``compiled`` to each of the others, ``auto``'s ratio to fused AdamW, the bytes per parameter the compiled passes
 move (counted from the passes, for the 2-D tensors that hold >99% of the parameters), the floor (those bytes over
 the copy bandwidth measured in the same rounds) and the compile time (first step of ``compiled`` minus a warm step).
+On a CPU whose reads, not writes, bound these passes, the telling figure is ``auto x read floor at AdamW(fused)'s
+read rate``: auto's time over the time of reading our bytes (``B read/param``) at the rate fused AdamW reads its 16
+(fp32). The default step reads 24 B/param, so it is 1.5x fused AdamW when both read at the same rate.
 
 The gradients are shared by all optimizers of a case (never modified); every optimizer has its own parameters.
 
@@ -62,38 +66,37 @@ VARIANTS = {
 }
 
 
-def bytes_per_param(options: dict, dtype: str, native_kernels: bool) -> int:
-    """Bytes per parameter the compiled step moves for a 2-D tensor (see prodigy_dist/compiled.py), not counting
-    the 1/11-sized Prodigy vectors (p0, s: about 1 B/param in all)."""
+def bytes_per_param(options: dict, dtype: str, native_kernels: bool) -> tuple[int, int]:
+    """Bytes per parameter the compiled step reads and writes for a 2-D tensor (see prodigy_dist/compiled.py), not
+    counting the 1/11-sized Prodigy vectors (p0, s: about 1 B/param in all)."""
     e = 4 if dtype == "fp32" else 2  # element size of g, y, z, m, v
     sf = options.get("use_schedulefree", True)
     full = not options.get("factored", True)
     stable = options.get("eps", 1e-8) is not None
     if native_kernels:  # phase A, one native pass: g, and the strided walk over z (or y) touches every line
-        total = 2 * e
+        read = 2 * e
     elif full:  # sum g^2, then the Prodigy sample: strided walks over g and z (or y)
-        total = 3 * e
+        read = 3 * e
     else:  # row sums and per-block column sums (2 loops), then the strided walks over g and z
-        total = 4 * e
+        read = 4 * e
+    written = 0
     if stable:
-        total += e  # RMS pass reads g
-        if not sf:
-            total += 2 * e  # ... and m, writing m
-        if full:
-            total += 2 * e  # ... and v, writing v
-    total += e + 2 * e  # update pass: g, y read + written
+        read += e  # RMS pass reads g
+        for stored in (not sf, full):  # ... and m (Prodigy mode), v (unfactored): read and written there
+            if stored:
+                read, written = read + e, written + e
+    read, written = read + 2 * e, written + e  # update pass: g read, y read and written
     if sf:
-        total += 2 * e  # z read + written
-    if not sf:
-        total += e if stable else 2 * e  # m read (written too when there is no RMS pass)
-    if full:
-        total += e if stable else 2 * e
-    return total
+        read, written = read + e, written + e  # z read and written
+    for stored in (not sf, full):  # m, v: read (written in the RMS pass), or read and written here
+        if stored:
+            read, written = read + e, written + (0 if stable else e)
+    return read, written
 
 
-def adamw_bytes(dtype: str) -> int:
+def adamw_bytes(dtype: str) -> tuple[int, int]:
     e = 4 if dtype == "fp32" else 2
-    return 7 * e  # g, p, m, v read; p, m, v written
+    return 4 * e, 3 * e  # g, p, m, v read; p, m, v written
 
 
 def upstream_factory(options: dict):
@@ -141,14 +144,14 @@ def time_case(set_name: str, variant: str, threads: int, steps: int, with_baseli
     src = torch.ones(1 << 26)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    names = list(opts) + ["copy"]
+    names = list(opts) + ["copy", "read"]
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(steps):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            if name == "copy":
+            if name in ("copy", "read"):
                 t0 = time.perf_counter()
-                dst.copy_(src)
+                dst.copy_(src) if name == "copy" else src.sum()
                 times[name].append(time.perf_counter() - t0)
                 continue
             with contextlib.redirect_stdout(io.StringIO()):
@@ -157,12 +160,15 @@ def time_case(set_name: str, variant: str, threads: int, steps: int, with_baseli
                 times[name].append(time.perf_counter() - t0)
     med = {n: statistics.median(v) for n, v in times.items()}
     bandwidth = 2 * src.numel() * 4 / med["copy"]  # bytes read + written per second
-    moved = bytes_per_param(options, dtype_name, native.available())
-    out = dict(set=set_name, variant=variant, threads=threads, params=n_params, moved=moved,
+    read, written = bytes_per_param(options, dtype_name, native.available())
+    adamw_read, adamw_written = adamw_bytes(dtype_name)
+    moved, adamw_moved = read + written, adamw_read + adamw_written
+    out = dict(set=set_name, variant=variant, threads=threads, params=n_params, moved=moved, read=read,
                floor_ms=moved * n_params / bandwidth * 1e3, bandwidth=bandwidth / 1e9,
+               read_bandwidth=src.numel() * 4 / med["read"] / 1e9,
                ms={n: med[n] * 1e3 for n in opts},
-               compile_s=first_step["compiled"] - med["compiled"], adamw_moved=adamw_bytes(dtype_name),
-               adamw_floor_ms=adamw_bytes(dtype_name) * n_params / bandwidth * 1e3)
+               compile_s=first_step["compiled"] - med["compiled"], adamw_moved=adamw_moved, adamw_read=adamw_read,
+               adamw_floor_ms=adamw_moved * n_params / bandwidth * 1e3)
     del opts
     gc.collect()
     return out
@@ -185,13 +191,15 @@ def row(res: dict) -> list[str]:
             f"{c / (ms['fused'] * res['moved'] / res['adamw_moved']):.2f}",
             val("auto"), f"{ms['auto'] / ms['fused']:.2f}",
             f"{ms['auto'] / (ms['fused'] * res['moved'] / res['adamw_moved']):.2f}",
-            f"{res['bandwidth']:.1f}", f"{res['compile_s']:.1f}"]
+            str(res["read"]), f"{ms['auto'] / (ms['fused'] * res['read'] / res['adamw_read']):.2f}",
+            f"{res['bandwidth']:.1f}", f"{res['read_bandwidth']:.1f}", f"{res['compile_s']:.1f}"]
 
 
 HEADER = ["set", "variant", "threads", "compiled ms", "AdamW fused ms", "AdamW foreach ms", "upstream ms",
           "eager ms", "x fused", "x foreach", "x upstream", "x eager", "B/param", "floor ms", "x floor",
           "fused x its floor", "x floor at AdamW(fused)'s bandwidth", "auto ms", "auto x fused",
-          "auto x floor at AdamW(fused)'s bandwidth", "copy GB/s", "compile s"]
+          "auto x floor at AdamW(fused)'s bandwidth", "B read/param", "auto x read floor at AdamW(fused)'s read rate",
+          "copy GB/s", "read GB/s", "compile s"]
 
 
 def md(rows) -> str:
