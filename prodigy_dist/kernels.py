@@ -12,6 +12,10 @@ or Muon). A step runs in two phases per bucket:
   so every rank joins the same collectives.
 
 Per-tensor scalars that depend on data (RMS scales, mask means) stay on the device: no host synchronisation here.
+
+A *packed* bucket (``Bucket.pack``, see :mod:`prodigy_dist.packing`) runs the same code on lists that hold one flat
+tensor per role (the state kept flat, gradients and parameters gathered, parameters scattered back once); only its
+per-tensor sums are taken differently (see that module).
 """
 
 from __future__ import annotations
@@ -23,12 +27,14 @@ import torch
 
 from .layout import SLICE, ParamLayout
 from .muon import Orthogonalise
+from .packing import Pack
 from .rounding import write_back_
 
 ATAN2_SCALE = 1.2732395  # 4/pi: Adam-atan2 bounds |u| < 2
 FOCUS_GAMMA = 0.1
 
-# Columns of the per-tensor statistics rows produced by phase A.
+# Columns of the per-tensor statistics rows produced by phase A. Only the total of GSQ (sum of g^2, for the
+# non-finite check) is read: a packed bucket puts the sum over its tensors in its first row.
 DOT, ABS_S, L2SQ, GSQ = range(4)
 N_STATS = 4
 
@@ -86,11 +92,15 @@ class Bucket:
     sr_seed: int = 0
     scratch: ScratchPool | None = None  # only for a bucket of one tensor that runs start to finish alone
     impl: Any = None  # module with statistics()/update() for this bucket (prodigy_dist.compiled); None: this one
+    pack: Pack | None = None  # set: the tensors are stepped as one flat tensor (prodigy_dist.packing)
+    # packed: the flat state roles (Pack.adopt), and the flat gradient ("g") and parameters ("w", Prodigy mode)
+    # that phase A gathered for phase B
+    flat: dict[str, torch.Tensor] = field(default_factory=dict)
     # filled by statistics()
     row_parts: list[torch.Tensor] = field(default_factory=list)
     r_sums: dict[int, torch.Tensor] = field(default_factory=dict)  # global sums of R along a sharded dc
     col_parts: list[torch.Tensor] = field(default_factory=list)
-    s_new: list[torch.Tensor | None] = field(default_factory=list)
+    s_new: list[torch.Tensor | None] = field(default_factory=list)  # packed: [the flat new s]
     stats: torch.Tensor | None = None
     # piece -> its Prodigy statistics, if the factored statistics pass computed them (prodigy_dist.native):
     # ([dot, sum|s_new| or SPEED's L1, SPEED's L2^2], s_new or None)
@@ -157,11 +167,16 @@ def statistics(b: Bucket, row_col=None, prodigy_sample=None, sq_norms=None) -> l
                 sums = torch.cat([r.sum(dim=dc, keepdim=True), r_new.sum(dim=dc, keepdim=True)])
                 b.r_sums[len(b.row_parts) - 1] = sums
                 to_reduce.append(sums)
+    elif b.pack is not None:  # the flat gradient is kept for phase B
+        b.flat["g"] = b.pack.gather(b.grads)
+        g = b.flat["g"].float()
+        gsq = torch.zeros(n, dtype=torch.float32, device=device)
+        gsq[0] = torch.dot(g, g)
     elif sq_norms is not None:
         gsq = sq_norms(b)
     else:
         gsq = [t.square() for t in torch._foreach_norm(b.grads, dtype=torch.float32)]
-    stats[:, GSQ] = torch.stack(gsq)
+    stats[:, GSQ] = torch.stack(gsq) if isinstance(gsq, list) else gsq
 
     sc = b.sc
     b.s_new = [None] * n
@@ -179,19 +194,57 @@ def prodigy_data(b: Bucket, i: int) -> torch.Tensor:
 def _prodigy_sample(b: Bucket, stats: torch.Tensor) -> None:
     """The Prodigy statistics on the sampled slice: fills the DOT, ABS_S (and SPEED's L2SQ) columns of ``stats``
     and ``b.s_new``."""
-    sc, group = b.sc, b.group
-    data = [prodigy_data(b, i) for i in range(len(b.params))]
-    gs = [sample(g, lay) for g, lay in zip(b.grads, b.layouts)]
-    es = torch._foreach_sub([st["p0"] for st in b.states], [sample(t, lay) for t, lay in zip(data, b.layouts)])
-    stats[:, DOT] = torch.stack([torch.dot(g.to(e.dtype), e).float() for g, e in zip(gs, es)])
+    sc, group, pack = b.sc, b.group, b.pack
+    if pack is None:
+        data = [prodigy_data(b, i) for i in range(len(b.params))]
+        gs = [sample(g, lay) for g, lay in zip(b.grads, b.layouts)]
+        xs = [sample(t, lay) for t, lay in zip(data, b.layouts)]
+        p0s = [st["p0"] for st in b.states]
+    else:  # one flat tensor per role (in Prodigy mode, the parameters gathered here are kept for phase B)
+        if group["use_schedulefree"]:
+            x = b.flat["z"]
+        else:
+            x = b.flat["w"] = pack.gather(b.params)
+        gs, xs = [b.flat["g"].index_select(0, pack.sample_index)], [x.index_select(0, pack.sample_index)]
+        p0s = [b.flat["p0"]]
+    es = torch._foreach_sub(p0s, xs)
+    if pack is None:
+        stats[:, DOT] = torch.stack([torch.dot(g.to(e.dtype), e).float() for g, e in zip(gs, es)])
+    else:  # (a bf16 torch.dot sums the exact products in fp32, then rounds to bf16)
+        (g, e) = gs[0], es[0]
+        stats[:, DOT] = pack.samples.sums(g.to(e.dtype).float() * e.float()).to(e.dtype).float()
     if group["use_speed"]:
-        stats[:, ABS_S] = torch.stack(torch._foreach_norm(es, ord=1, dtype=torch.float32))
-        stats[:, L2SQ] = torch.stack([t.square() for t in torch._foreach_norm(es, dtype=torch.float32)])
+        stats[:, ABS_S] = _sample_sums(b, es, absolute=True)
+        stats[:, L2SQ] = _sample_sums(b, es, absolute=False)
+        return
+    s_new = torch._foreach_mul([st["s"] for st in b.states] if pack is None else [b.flat["s"]], sc["beta3"])
+    if pack is not None and gs[0].dtype == s_new[0].dtype != torch.float32:
+        # the per-tensor add_ below reads strided samples of g, and torch's strided kernel for a low-precision
+        # add_ with alpha rounds alpha, then alpha * g, to that precision: the same on the contiguous flat samples
+        alpha = torch.tensor(sc["delta"], dtype=gs[0].dtype).item()
+        torch._foreach_add_(s_new, [gs[0].float().mul_(alpha).to(gs[0].dtype)])
     else:
-        s_new = torch._foreach_mul([st["s"] for st in b.states], sc["beta3"])
         torch._foreach_add_(s_new, gs, alpha=sc["delta"])
-        b.s_new = s_new
-        stats[:, ABS_S] = torch.stack(torch._foreach_norm(s_new, ord=1, dtype=torch.float32))
+    b.s_new = s_new
+    stats[:, ABS_S] = _sample_sums(b, s_new, absolute=True)
+
+
+def _sample_sums(b: Bucket, ts: list[torch.Tensor], absolute: bool) -> torch.Tensor:
+    """Per tensor, the fp32 sum of |t| (``absolute``) or of t^2 of its samples ``ts`` (packed: [flat samples])."""
+    if b.pack is not None:
+        x = ts[0].float()
+        return b.pack.samples.sums(x.abs() if absolute else x.square())
+    if absolute:
+        return torch.stack(torch._foreach_norm(ts, ord=1, dtype=torch.float32))
+    return torch.stack([t.square() for t in torch._foreach_norm(ts, dtype=torch.float32)])
+
+
+def commit_s(b: Bucket) -> None:
+    """Store phase A's new Prodigy ``s`` into the state (once the step is known to be finite)."""
+    if b.pack is not None:
+        b.flat["s"].copy_(b.s_new[0])
+    else:
+        torch._foreach_copy_([st["s"] for st in b.states], b.s_new)
 
 
 def _row_block(t: torch.Tensor, layout: ParamLayout) -> torch.Tensor:
@@ -277,7 +330,7 @@ def _second_moment(b: Bucket, gs, ws, beta2: float, d: float, eps_term: float | 
                 buf = _work(b, 0, r.expand(layout_shape(r, c))) if r.dtype == torch.float32 else None
                 out.append(_factored_sqrt(r, c, dc, layout, eps_term, buf, r_sum=after))
         return out
-    vs = [st["exp_avg_sq"] for st in b.states]
+    vs = _moments(b, "exp_avg_sq")
     before = _full_denominators(vs, group, eps_term) if adopt else None
     _scale_(vs, beta2)
     if group["use_focus"]:
@@ -335,10 +388,14 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
     sf = group["use_schedulefree"]
     d, beta1, beta2 = sc["d"], sc["beta1"], sc["beta2"]
     n = len(b.params)
-    numels = [lay.global_numel for lay in b.layouts]
-    gs = [_fp32(b, 1, g) for g in b.grads]  # fp32 grads themselves: never modified in place below
-    ys = [_fp32(b, 2, p) for p in b.params]
-    zs = [_fp32(b, 3, st["z"]) for st in b.states] if sf else None
+    # global sizes (packed: Pack.global_numels; packs have no option that needs them as a list)
+    numels = [lay.global_numel for lay in b.layouts] if b.pack is None else None
+    if b.pack is None:
+        gs = [_fp32(b, 1, g) for g in b.grads]  # fp32 grads themselves: never modified in place below
+        ys = [_fp32(b, 2, p) for p in b.params]
+        zs = [_fp32(b, 3, st["z"]) for st in b.states] if sf else None
+    else:
+        gs, ys, zs = _packed_working(b)
     ws = zs if sf else ys
     plain = group["eps"] is not None and not group["use_focus"]
     eps_term = d * group["eps"] if plain else None
@@ -358,7 +415,7 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
         else:
             us = _normalise(torch._foreach_mul(gs, d), denoms, ws, group)
     else:
-        ms = [st["exp_avg"] for st in b.states]
+        ms = _moments(b, "exp_avg")
         if group["use_adopt"]:
             bound = sc["k"] ** 0.25
             ghat = _normalise(torch._foreach_mul(gs, d), denoms, ws, group)
@@ -414,10 +471,16 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
         uu = (orth_norm * gain).square()  # not orth_sq * gain^2: gain may be ~1e30 where u' = 0
     if group["use_stableadamw"] and group["eps"] is not None:
         if uu is None:
-            uu = torch.stack([_sq_norm(u) for u in us])
+            pieces = us if b.pack is None else b.pack.elements.split(us[0])
+            uu = torch.stack(torch._foreach_norm(pieces, dtype=torch.float32)).square()
             yield [uu]
-        rms = (uu / torch.tensor(numels, dtype=torch.float32, device=uu.device)).sqrt()
-        torch._foreach_div_(us, list(rms.clamp_min(1.0).sqrt().unbind(0)))
+        sizes = torch.tensor(numels, dtype=torch.float32, device=uu.device) if b.pack is None else \
+            b.pack.global_numels
+        scale = (uu / sizes).sqrt().clamp_min(1.0).sqrt()
+        if b.pack is None:
+            torch._foreach_div_(us, list(scale.unbind(0)))
+        else:
+            us[0].div_(b.pack.elements.expand(scale))
 
     if not sc["prodigy_active"]:
         for st in b.states:
@@ -465,8 +528,31 @@ def _schedulefree_update(b: Bucket, ys, zs, us, dlr: float, lam: float, numels: 
         torch._foreach_add_(ys, y_old, alpha=-lam * xy)
 
 
+def _moments(b: Bucket, key: str) -> list[torch.Tensor]:
+    """The bucket's moment tensors ``key``, updated in place (packed: the flat tensor the states are views of)."""
+    return [st[key] for st in b.states] if b.pack is None else [b.flat[key]]
+
+
+def _packed_working(b: Bucket) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None]:
+    """[g], [y] and [z] (None in Prodigy mode) of a packed bucket, fp32 and flat: g and y gathered (by phase A
+    where it did), z the state's flat tensor itself when it is fp32 (updated in place, like an fp32 z unpacked)."""
+    flat, pack = b.flat, b.pack
+    y = flat.pop("w", None)
+    if y is None:
+        y = pack.gather(b.params)
+    z = [flat["z"].float()] if b.group["use_schedulefree"] else None
+    return [flat.pop("g").float()], [y.float()], z
+
+
 def _write_back(b: Bucket, ys, zs) -> None:
+    """Store the fp32 working copies y and z into their storage tensors (no-op where they are the same tensor)."""
     stochastic, step = b.group["stochastic_rounding"], b.sc["k"]
+    if b.pack is not None:
+        dtype = b.params[0].dtype
+        b.pack.scatter_(b.params, b.pack.rounded(ys[0], dtype, stochastic, seed=b.sr_seed, step=step, stream=0))
+        if zs is not None and zs[0] is not b.flat["z"]:
+            b.flat["z"].copy_(b.pack.rounded(zs[0], dtype, stochastic, seed=b.sr_seed, step=step, stream=1))
+        return
     for i, (p, layout) in enumerate(zip(b.params, b.layouts)):
         write_back_(p, ys[i], stochastic, flat_offset=layout.flat_offset, seed=b.sr_seed, step=step, stream=0,
                     work=_work(b, 0, p) if b.scratch is not None else None)

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import compiled, kernels
+from . import compiled, kernels, packing
 from .kernels import ABS_S, DOT, GSQ, L2SQ, Bucket, ScratchPool, sample
 from .layout import ParamLayout, dtensor_layout, factored_dims, single_process_layout
 from .options import DEFAULTS, GLOBAL_OPTIONS, NONFINITE_POLICIES, log_precedence_rules, validate_group
@@ -84,6 +84,7 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
         self._reducer = Reducer(None)
         self._muon_requests: list[Orthogonalise] = []
         self._scratch = ScratchPool()
+        self._packs: dict[tuple, packing.Pack] = {}  # prodigy_dist.packing.pack_for's cache
         self._layouts: dict[int, ParamLayout] = {}
         self._fused = _FusedStepState()
         super().__init__(params, defaults)
@@ -177,11 +178,12 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
     def _muon(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
         return group["use_muon_pp"] and len(self._layout(p).global_shape) >= 2
 
-    @torch.no_grad()
     def _init_param_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         state = self.state[p]
-        if state:
-            return state
+        return state if state else self._new_param_state(p, group, state)
+
+    @torch.no_grad()
+    def _new_param_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
         local = self._local(p)
         layout = self._layout(p)
         kind, dims = self._kind(p, group)
@@ -364,31 +366,55 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
     def _buckets(self, items: list[tuple[int, torch.Tensor]], scalars: list[dict],
                  positions: dict[int, int] | None = None) -> list[Bucket]:
         """Group the parameters by (group, kind, Muon, dtype, device). On one process a large tensor gets a bucket
-        of its own, which works in the reusable scratch buffers instead of fresh allocations."""
+        of its own, which works in the reusable scratch buffers instead of fresh allocations. Small tensors that
+        can be packed (prodigy_dist.packing) go into packed buckets of at most packing.CAPACITY global elements."""
         keyed: dict[tuple, Bucket] = {}
         alone = not self._reducer.active
         order = self._param_order()
+        packs_ok = [packing.group_packable(g) for g in self.param_groups]
+        fill: dict[tuple, tuple[int, int]] = {}  # packed bucket key -> (pack number, global elements so far)
+        packed: list[tuple] = []
         for gi, p in items:
             group = self.param_groups[gi]
             state = self._init_param_state(p, group)
             kind, dims = self._kind(p, group)
             local = self._local(p)
+            layout = self._layout(p)
+            grad = self._local(p.grad)
             muon = self._muon(p, group)
             # Only when stepping alone: under a reducer every rank must form the same buckets, and the local
             # sizes of sharded pieces differ between ranks.
             alone_large = alone and local.numel() >= LARGE_TENSOR
             key = (gi, kind, muon, local.dtype, local.device) + ((id(p),) if alone_large else ())
+            # packed or not, and in which pack: from global sizes only, the same on every rank
+            numel = packing.packed_numel(kind, muon, layout, local.dtype) if packs_ok[gi] else None
+            if numel is not None:
+                key += (grad.dtype,)
+                number, count = fill.get(key, (0, 0))
+                if count and count + numel > packing.CAPACITY:
+                    number, count = number + 1, 0
+                fill[key] = (number, count + numel)
+                key += ("packed", number)
             b = keyed.get(key)
             if b is None:
                 b = keyed[key] = Bucket(group=group, sc=scalars[gi], kind=kind, muon=muon, params=[], grads=[],
                                         states=[], layouts=[], dims=[], sr_seed=self.sr_seed,
                                         scratch=self._scratch if alone_large else None)
+                if numel is not None:
+                    packed.append(key)
             b.params.append(local)
-            b.grads.append(self._local(p.grad))
+            b.grads.append(grad)
             b.states.append(state)
-            b.layouts.append(self._layout(p))
+            b.layouts.append(layout)
             b.dims.append(dims)
             b.positions.append(order[id(p)][1] if positions is None else positions[id(p)])
+        for key in packed:
+            b = keyed[key]
+            if len(b.params) > 1:
+                pack = packing.pack_for(self._packs, b.params, b.layouts)
+                flats = pack.adopt(b.states, b.params[0].dtype)  # the state, kept flat
+                if flats is not None:
+                    b.pack, b.flat = pack, flats
         buckets = list(keyed.values())
         total: list[int] = []  # counted once per step, and only if a bucket asks
 
@@ -525,8 +551,7 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
                                "good checkpoint")
         for b in buckets:
             if b.s_new and b.s_new[0] is not None:
-                for st, s in zip(b.states, b.s_new):
-                    st["s"].copy_(s)
+                kernels.commit_s(b)
         for b, ema, l1, l2 in speed_commits:
             for i, st in enumerate(b.states):
                 st["exp_avg_x0_dot"], st["max_x0_minus_l1_norm"], st["max_x0_minus_l2_norm"] = ema[i], l1[i], l2[i]

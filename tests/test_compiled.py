@@ -12,7 +12,7 @@ import logging
 import pytest
 import torch
 
-from prodigy_dist import ProdigyPlusScheduleFree, compiled
+from prodigy_dist import ProdigyPlusScheduleFree, compiled, packing
 
 from .test_reduction import CountingReducer
 
@@ -28,6 +28,13 @@ VARIANTS = {
     "prodigy_mode": dict(use_schedulefree=False, weight_decay=0.1),
     "unfactored": dict(factored=False),
 }
+
+
+@pytest.fixture(autouse=True)
+def no_packing(monkeypatch):
+    """These tests hold the compiled kernels to the eager ones: small tensors stay out of packs (which always run
+    the flat eager kernels; tests/test_packing.py holds them to the per-tensor path)."""
+    monkeypatch.setattr(packing, "ENABLED", False)
 
 
 def make_params(dtype: torch.dtype, seed: int = 0) -> list[torch.nn.Parameter]:
