@@ -193,8 +193,8 @@ def choose(b: Bucket, fast_path: str, total_params: Callable[[], int], alone: bo
     """Whether bucket ``b`` runs the compiled kernels.
 
     ``"eager"``: never. ``"compiled"``: every supported bucket. ``"auto"``: supported buckets, except, on one
-    process, the buckets of small tensors (they stay in the eager multi-tensor kernels: one compiled call per tensor
-    costs more than it saves there), and, on a CPU, except when the optimizer holds fewer than AUTO_CPU_MIN_PARAMS
+    process, the buckets of small tensors (they stay in the eager kernels, packed where they can be: one compiled
+    call per tensor costs more than it saves there), and, on a CPU, except when the optimizer holds fewer than AUTO_CPU_MIN_PARAMS
     parameters (compile time would not pay off). A packed bucket (prodigy_dist.packing) is never compiled: its flat
     eager kernels cost a few passes over its elements.
     """
