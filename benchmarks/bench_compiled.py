@@ -14,12 +14,13 @@ interleaved rounds (the order rotates every round; medians reported):
   copy       a bandwidth probe: copy_ between two 256 MiB buffers (bytes read + written / time)
   read       a read-bandwidth probe: sum() of one 256 MiB buffer (bytes read / time)
 
-and reports ms/step, the ratios of ``compiled`` to each of the others, ``auto``'s ratio to fused AdamW, the bytes per parameter the compiled passes
-move (counted from the passes, for the 2-D tensors that hold >99% of the parameters), the floor (those bytes over
-the copy bandwidth measured in the same rounds) and the compile time (first step of ``compiled`` minus a warm step).
-On a CPU whose reads, not writes, bound these passes, the telling figure is ``auto x read floor at AdamW(fused)'s
-read rate``: auto's time over the time of reading our bytes (``B read/param``) at the rate fused AdamW reads its 16
-(fp32). The default step reads 24 B/param, so it is 1.5x fused AdamW when both read at the same rate.
+and reports ms/step, the ratios of ``compiled`` to each of the others, ``auto``'s ratio to fused AdamW, the bytes per
+parameter the compiled passes move (counted from the passes, for the 2-D tensors that hold >99% of the parameters),
+the floor (those bytes over the copy bandwidth measured in the same rounds) and the compile time (first step of
+``compiled`` minus a warm step). On a CPU whose reads, not writes, bound these passes, the telling figure is
+``auto x read floor at AdamW(fused)'s read rate``: auto's time over the time of reading our bytes (``B read/param``)
+at the rate fused AdamW reads its 16 (fp32). The default step reads 24 B/param, so it is 1.5x fused AdamW when both
+read at the same rate.
 
 The gradients are shared by all optimizers of a case (never modified); every optimizer has its own parameters.
 

@@ -9,7 +9,8 @@ Passes over memory per parameter of a 2-D tensor (fp32; bf16 halves every figure
 * phase A, factored statistics and Prodigy sample. On a CPU, one native pass (:mod:`prodigy_dist.native`) reads g
   once for the row and column sums of g^2 and, block by block, computes the Prodigy sums on the sampled elements
   (every 11th) with g still in cache: 4 B/param for g plus 4 B/param for z (or y), whose sampled walk at a stride
-  of 44 bytes touches every cache line. Unfactored 2-D tensors use the same pass for their sum of g^2. Elsewhere (or if the native build failed) inductor does it in three reads:
+  of 44 bytes touches every cache line. Unfactored 2-D tensors use the same pass for their sum of g^2. Elsewhere
+  (or if the native build failed) inductor does it in three reads:
   the row sums and the column sums accumulated per block of ROW_BLOCK rows (inductor emits these as two loops: no
   formulation tried -- blocked rows, square tiles, permuted tiles, artificial dependencies for its outer-loop
   fusion -- got it to share one loop between a reduction over rows and one over columns), then one kernel over
@@ -55,7 +56,7 @@ import torch
 
 from . import kernels, native
 from .kernels import ABS_S, ATAN2_SCALE, DOT, L2SQ, Bucket
-from .rounding import TABLE_SIZE, _mix, _table
+from .rounding import TABLE_SIZE, doubled_table, round_with_noise, table_start
 
 logger = logging.getLogger(__name__)
 
@@ -192,11 +193,11 @@ def _probe(x):
 def choose(b: Bucket, fast_path: str, total_params: Callable[[], int], alone: bool) -> bool:
     """Whether bucket ``b`` runs the compiled kernels.
 
-    ``"eager"``: never. ``"compiled"``: every supported bucket. ``"auto"``: supported buckets, except, on one
-    process, the buckets of small tensors (they stay in the eager kernels, packed where they can be: one compiled
-    call per tensor costs more than it saves there), and, on a CPU, except when the optimizer holds fewer than AUTO_CPU_MIN_PARAMS
-    parameters (compile time would not pay off). A packed bucket (prodigy_dist.packing) is never compiled: its flat
-    eager kernels cost a few passes over its elements.
+    ``"eager"``: never. ``"compiled"``: every supported bucket. ``"auto"``: supported buckets, except, on one process,
+    the buckets of small tensors (they stay in the eager kernels, packed where they can be: one compiled call per
+    tensor costs more than it saves there), and, on a CPU, except when the optimizer holds fewer than
+    AUTO_CPU_MIN_PARAMS parameters (compile time would not pay off). A packed bucket (prodigy_dist.packing) is never
+    compiled: its flat eager kernels cost a few passes over its elements.
     """
     if fast_path == "eager" or b.pack is not None or variant(b) is None:
         return False
@@ -313,17 +314,11 @@ def _rms_pass(g, a, c, m, v, s, V: Variant):
     return (u * u).sum()
 
 
-def _stochastic(x, noise):
-    """fp32 -> bf16 with the noise of rounding.copy_stochastic_ (``noise``: the table entries of these elements)."""
-    bits = (x.view(torch.int32) + noise) & -65536
-    return bits.view(torch.float32).to(torch.bfloat16)
-
-
 def _store(target, value, aux, V: Variant):
     """Write an fp32 result: to fp32 storage, to bf16 storage rounded to nearest or stochastically (``aux``: the
     noise), or, for "sr_out", to the fp32 buffer ``aux``, which the caller rounds stochastically (native.py)."""
     if V.storage == "sr":
-        target.copy_(_stochastic(value, aux))
+        target.copy_(round_with_noise(value, aux))
     elif V.storage == "sr_out":
         aux.copy_(value)
     else:
@@ -557,8 +552,8 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
         # Stochastic rounding reads the noise table from a start position that depends on the step: the tensor
         # is updated in chunks of at most TABLE_SIZE elements, whose noise is one contiguous slice of the table
         # written twice in a row (no gather in the kernel).
-        table = _doubled_table(b.params[i].device, b.sr_seed)
-        start_y, start_z = rounding_starts(sc["k"], b.layouts[i].flat_offset)
+        table = doubled_table(b.params[i].device, b.sr_seed)
+        start_y, start_z = (table_start(sc["k"], stream, b.layouts[i].flat_offset) for stream in (0, 1))
         y_all = args[4]
         row = y_all[0].numel() if y_all.dim() > 1 else 1
         step_rows = max(1, TABLE_SIZE // row)
@@ -600,21 +595,3 @@ def _sr_buffers(device: torch.device, count: int) -> torch.Tensor:
     if buf is None or buf.shape[1] < count:
         buf = _sr_out[device] = torch.empty(2, max(count, 1), dtype=torch.float32, device=device)
     return buf
-
-
-_doubled: dict[tuple[torch.device, int], torch.Tensor] = {}
-
-
-def _doubled_table(device: torch.device, seed: int) -> torch.Tensor:
-    """rounding's noise table twice in a row: TABLE_SIZE consecutive entries from any start are one slice."""
-    t = _doubled.get((device, seed))
-    if t is None:
-        base = _table(device, seed)
-        t = _doubled[(device, seed)] = torch.cat([base, base])
-    return t
-
-
-def rounding_starts(step: int, flat_offset: int) -> tuple[int, int]:
-    """Start positions in the noise table of the y and z streams (as rounding.copy_stochastic_ computes them)."""
-    return _mix(step, 0, flat_offset) % TABLE_SIZE, _mix(step, 1, flat_offset) % TABLE_SIZE
-

@@ -8,8 +8,8 @@
   its sampled elements (every 11th of the global flattening): dot(g, p0 - x) with g still in cache and x (z or
   the parameter) in one strided walk, and the new ``s`` with sum |s|, or SPEED's sums. With AVX-512 the walk takes
   sixteen samples from eleven contiguous vector loads and six permutes (a gather per sixteen samples cost as much
-  again as the walk's memory reads: 25.5 -> 22.2 ms for the fp32 matrices of GPT-2 124M, 2 threads). The compiled alternative,
-  a separate kernel over strided views, reads g and x again.
+  again as the walk's memory reads: 25.5 -> 22.2 ms for the fp32 matrices of GPT-2 124M, 2 threads). The
+  compiled alternative, a separate kernel over strided views, reads g and x again.
 * :func:`stochastic_round_` -- the stochastic rounding of the bf16 update's results (fp32 bits plus noise,
   truncated). Inductor's CPU code scalarises the bit casts it needs, which made the bf16 update pass five times
   slower than the same pass rounding to nearest; the compiled update writes fp32 results into a small buffer

@@ -17,12 +17,12 @@ of it (same values, shape and dtype), so later steps read and update it in place
 Gathering or scattering 98 tensors costs about 60 us on a CPU, ten times an elementwise pass over all of them.
 Stochastic rounding of bf16 storage reads, for each tensor, exactly the noise :mod:`prodigy_dist.rounding` gives it.
 
-Which tensors are packed (:func:`group_packable`, :func:`packed_numel`) is decided from global quantities and options only, so that every rank
-of a sharded run forms the same buckets: a full second moment, neither Muon nor an option with per-tensor sums other
-than StableAdamW's (cautious, OrthoGrad), no DeepSpeed fragment, fp32 or bf16 storage, and a global size below
-:data:`MAX_NUMEL`. Packs hold at most :data:`CAPACITY` global elements (more tensors make several packs), so the flat
-copies (gradients, parameters, the fp32 temporaries of the update) stay small next to the model. A pack of fewer than
-two tensors is stepped per tensor.
+Which tensors are packed (:func:`group_packable`, :func:`packed_numel`) is decided from global quantities and options
+only, so that every rank of a sharded run forms the same buckets: a full second moment, neither Muon nor an option
+with per-tensor sums other than StableAdamW's (cautious, OrthoGrad), no DeepSpeed fragment, fp32 or bf16 storage, and
+a global size below :data:`MAX_NUMEL`. Packs hold at most :data:`CAPACITY` global elements (more tensors make several
+packs), so the flat copies (gradients, parameters, the fp32 temporaries of the update) stay small next to the model. A
+pack of fewer than two tensors is stepped per tensor.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from .layout import SLICE, ParamLayout
+from .rounding import doubled_table, round_with_noise, table_start
 
 logger = logging.getLogger(__name__)
 
@@ -210,15 +211,13 @@ class Pack:
 
     def _stochastic_bf16(self, flat: torch.Tensor, seed: int, step: int, stream: int) -> torch.Tensor:
         """bf16 values of the fp32 ``flat``, each tensor rounded with the noise of its own table start."""
-        from .compiled import _doubled_table, _stochastic, rounding_starts  # (compiled imports kernels)
-
         if self._starts is None or self._starts[0] != step:  # both streams' starts, hashed once per step
-            starts = [rounding_starts(step, offset) for offset in self.flat_offsets]
+            starts = [(table_start(step, 0, offset), table_start(step, 1, offset)) for offset in self.flat_offsets]
             self._starts = (step, torch.tensor(starts, dtype=torch.long, device=flat.device).t().contiguous())
         # a tensor of n < MAX_NUMEL <= TABLE_SIZE elements reads entries start .. start + n of the doubled table
         index = self.elements.expand(self._starts[1][stream])
         index += self.elements.within()
-        return _stochastic(flat, _doubled_table(flat.device, seed).index_select(0, index))
+        return round_with_noise(flat, doubled_table(flat.device, seed).index_select(0, index))
 
 
 #: Packs cached per optimizer (the set of tensors with a gradient rarely changes; the cache never grows beyond this).

@@ -38,6 +38,30 @@ def _table(device: torch.device, seed: int) -> torch.Tensor:
     return table
 
 
+def table_start(step: int, stream: int, flat_offset: int) -> int:
+    """Where in the noise table the stream's element at ``flat_offset`` reads its noise at ``step``."""
+    return _mix(step, stream, flat_offset) % TABLE_SIZE
+
+
+_doubled: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def doubled_table(device: torch.device, seed: int) -> torch.Tensor:
+    """The noise table twice in a row: TABLE_SIZE consecutive entries from any start are one slice."""
+    t = _doubled.get((device, seed))
+    if t is None:
+        base = _table(device, seed)
+        t = _doubled[(device, seed)] = torch.cat([base, base])
+    return t
+
+
+def round_with_noise(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x`` -> bf16 with the noise of :func:`copy_stochastic_` (``noise``: the table entries of these
+    elements), out of place (the compiled kernels and the packed buckets use it)."""
+    bits = (x.view(torch.int32) + noise) & -65536
+    return bits.view(torch.float32).to(torch.bfloat16)
+
+
 def copy_stochastic_(target: torch.Tensor, source: torch.Tensor, *, flat_offset: int, seed: int, step: int,
                      stream: int, work: torch.Tensor | None = None) -> None:
     """target (bf16) <- source (fp32) with stochastic rounding; deterministic given the arguments.
@@ -48,7 +72,7 @@ def copy_stochastic_(target: torch.Tensor, source: torch.Tensor, *, flat_offset:
     n = bits.numel()
     out = work.reshape(-1).view(torch.int32) if work is not None else torch.empty_like(bits)
     table = _table(source.device, seed)
-    start = _mix(step, stream, flat_offset) % TABLE_SIZE
+    start = table_start(step, stream, flat_offset)
     i = 0
     while i < n:
         m = min(n - i, TABLE_SIZE - start)
