@@ -109,12 +109,15 @@ def upstream_factory(options: dict):
     return lambda ps: Upstream(ps, lr=1.0, **known)
 
 
-def time_case(set_name: str, variant: str, threads: int, steps: int, with_baselines: bool) -> dict:
+def time_case(set_name: str, variant: str, threads: int, steps: int, with_baselines: bool,
+              device: torch.device) -> dict:
     torch.set_num_threads(threads)
     options, dtype_name = VARIANTS[variant]
     dtype = torch.float32 if dtype_name == "fp32" else torch.bfloat16
-    base = make_base_tensors(set_name, dtype, seed=0)
+    base = [(name, value.to(device), grad.to(device)) for name, value, grad in make_base_tensors(set_name, dtype, 0)]
     grads = [g for _, _, g in base]
+    # a GPU runs the step asynchronously: every timing waits for it (and the probes) to finish
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     n_params = sum(g.numel() for g in grads)
 
     def params():
@@ -138,11 +141,13 @@ def time_case(set_name: str, variant: str, threads: int, steps: int, with_baseli
     for name, make in factories.items():
         with contextlib.redirect_stdout(io.StringIO()):
             opts[name] = make(params())
+            sync()
             t0 = time.perf_counter()
             opts[name].step()
+            sync()
             first_step[name] = time.perf_counter() - t0
             opts[name].step()  # warm-up
-    src = torch.ones(1 << 26)
+    src = torch.ones(1 << 26, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
     names = list(opts) + ["copy", "read"]
@@ -150,18 +155,21 @@ def time_case(set_name: str, variant: str, threads: int, steps: int, with_baseli
     for r in range(steps):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
+            sync()
             if name in ("copy", "read"):
                 t0 = time.perf_counter()
                 dst.copy_(src) if name == "copy" else src.sum()
+                sync()
                 times[name].append(time.perf_counter() - t0)
                 continue
             with contextlib.redirect_stdout(io.StringIO()):
                 t0 = time.perf_counter()
                 opts[name].step()
+                sync()
                 times[name].append(time.perf_counter() - t0)
     med = {n: statistics.median(v) for n, v in times.items()}
     bandwidth = 2 * src.numel() * 4 / med["copy"]  # bytes read + written per second
-    read, written = bytes_per_param(options, dtype_name, native.available())
+    read, written = bytes_per_param(options, dtype_name, device.type == "cpu" and native.available())
     adamw_read, adamw_written = adamw_bytes(dtype_name)
     moved, adamw_moved = read + written, adamw_read + adamw_written
     out = dict(set=set_name, variant=variant, threads=threads, params=n_params, moved=moved, read=read,
@@ -218,8 +226,10 @@ def main(argv=None):
                     help="time AdamW(foreach)/upstream/eager alongside every variant, or only alongside 'default' "
                          "(AdamW(fused) is always timed)")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (threads then only set the host's thread count)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
+    device = torch.device(args.device)
     logging.basicConfig(level=logging.WARNING)
     rows = []
     for set_name in args.sets.split(","):
@@ -228,10 +238,11 @@ def main(argv=None):
             for variant in args.variants.split(","):
                 assert variant in VARIANTS, variant
                 res = time_case(set_name, variant, threads, args.steps,
-                                with_baselines=args.baselines == "all" or variant == "default")
+                                with_baselines=args.baselines == "all" or variant == "default", device=device)
                 rows.append(row(res))
                 print(" | ".join(rows[-1]), flush=True)
-    head = (f"torch {torch.__version__}, CPU: {cpu_model()}, python {platform.python_version()}, "
+    gpu = f", GPU: {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    head = (f"torch {torch.__version__}, CPU: {cpu_model()}{gpu}, python {platform.python_version()}, "
             f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {args.steps} timed rounds, "
             f"command: python benchmarks/bench_compiled.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     text = head + "\n\n" + md(rows) + "\n"

@@ -36,12 +36,20 @@ Results equal the eager path's up to an ulp of fp32 (summation order, fused mult
 of the eager path are reproduced (``emulate_precision_casts``, and the rounding of scalars that eager bf16 kernels
 do), so bf16 weights differ from the eager path's in a few elements per 10^4 by one bf16 ulp.
 
+On a GPU the same Python kernels become Triton code, called over lists of up to LIST_CHUNK tensors (one compiled
+call per tensor costs more host time than the GPU needs for the tensor): the sums of g^2 (row and column sums as
+two reductions), the Prodigy sample, the RMS pass and the update pass, whose stochastic rounding gathers its noise
+from the table in the kernel. The native kernels are CPU-only. The CPU-only rounding details of the eager path
+(scalars rounded to bf16 by some CPU kernels) are reproduced on a CPU only, and on a GPU the bf16 roundings of
+intermediates are done on the bits (see :func:`_as`).
+
 Compilation cost is kept out of the way: every per-step scalar (d, the coefficients, the rounding stream start)
 enters compiled code as a tensor, never as a Python float; each kernel is compiled with dynamic shapes, so one
 graph serves every tensor of a rank and dtype (inductor adds a second graph for small tensors: its reductions
 specialise on a size range); each variant of each kernel is its own code object, so variants never share the
-recompile limit. A kernel that cannot be compiled (no C++ compiler, a limit hit, an inductor error) is logged once
-at warning level and runs the same Python function eagerly.
+recompile limit. A list kernel (GPU) has one code object per list length and is compiled without duck shaping,
+so any list of as many tensors reuses its graph. A kernel that cannot be compiled (no C++ compiler, a limit hit,
+an inductor error) is logged once at warning level and runs the same Python function eagerly.
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ import types
 from typing import Callable, Generator, NamedTuple
 
 import torch
+import torch.fx.experimental._config as _fx_config
 
 from . import kernels, native
 from .kernels import ABS_S, ATAN2_SCALE, DOT, L2SQ, Bucket
@@ -69,6 +78,14 @@ AUTO_CPU_MIN_PARAMS = 1 << 24
 
 #: Rows per block of the compiled statistics pass (column partial sums accumulate per block of rows).
 ROW_BLOCK = 32
+
+#: On a GPU, every kernel runs in compiled calls over lists of up to LIST_CHUNK tensors. One compiled call costs
+#: 100-200 us of host time (guards, wrapper, launches), more than an H100 needs for a pass over a 10M-element
+#: tensor: with one call per tensor the GPU idled most of the step (GPT-2 124M, update pass of the 50 matrices:
+#: 3.2 ms in 50 calls, 1.0 ms in one call over the list, AdamW(fused) 1.35 ms). Each list length is its own code
+#: object (at most LIST_CHUNK graphs per kernel variant); chunks keep the compile time of a graph near that of a few
+#: tensors (one graph over 50 tensors took 37 s).
+LIST_CHUNK = 8
 
 
 # ------------------------------------------------------------------------------------------ variants
@@ -129,7 +146,7 @@ class _Kernel:
     entries and recompile budget, and shows up under that name in TORCH_LOGS output.
     """
 
-    def __init__(self, name: str, fn: Callable):
+    def __init__(self, name: str, fn: Callable, duck_shape: bool = True):
         code = fn.__code__.replace(co_name=name)
         self.fn = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
         self.name = name
@@ -138,11 +155,20 @@ class _Kernel:
         self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True,
                                       options={"emulate_precision_casts": True})
         self.failed = False
+        self.duck_shape = duck_shape
 
     def __call__(self, *args):
         if not self.failed:
             try:
-                return self.compiled(*args)
+                if self.duck_shape:
+                    return self.compiled(*args)
+                # no duck shaping: sizes that happen to be equal get no guard tying them together, so that a list
+                # call (GPU) is reused by any list of as many tensors, whatever their shapes
+                old, _fx_config.use_duck_shape = _fx_config.use_duck_shape, False
+                try:
+                    return self.compiled(*args)
+                finally:
+                    _fx_config.use_duck_shape = old
             except Exception as exc:  # compilation failed or a recompile limit was hit: never silently
                 self.failed = True
                 logger.warning("prodigy_dist: torch.compile of %s failed (%s: %s); this kernel runs eagerly "
@@ -155,10 +181,11 @@ _kernels: dict[tuple, _Kernel] = {}
 
 
 def _kernel(name: str, fn: Callable, key: tuple) -> _Kernel:
+    """The kernel ``fn`` compiled for ``key`` (cached); list kernels (names ending in "_list") without duck shaping."""
     k = _kernels.get((name,) + key)
     if k is None:
         tag = "_".join(str(v).replace("torch.", "") for v in key)
-        k = _kernels[(name,) + key] = _Kernel(f"{name}__{tag}", fn)
+        k = _kernels[(name,) + key] = _Kernel(f"{name}__{tag}", fn, duck_shape=not name.endswith("_list"))
     return k
 
 
@@ -262,8 +289,8 @@ def _sample_pass(gs, ds, p0, s, sv, speed: bool):
     if speed:
         return dot, e.abs().sum(), (e * e).sum(), None
     s1 = _as(s.float() * sv[0], s.dtype)
-    if gs.dtype == s.dtype and s.dtype != torch.float32:
-        # the eager add_ of a strided bf16 tensor with alpha rounds alpha, then alpha * g, to bf16
+    if gs.dtype == s.dtype and s.dtype != torch.float32 and gs.device.type == "cpu":
+        # on a CPU, the eager add_ of a strided bf16 tensor with alpha rounds alpha, then alpha * g, to bf16
         s_new = _as(s1 + _as(gs.float() * _as(sv[1], s.dtype), s.dtype), s.dtype)
     else:
         s_new = _as(s1 + gs.float() * sv[1], s.dtype)
@@ -271,8 +298,37 @@ def _sample_pass(gs, ds, p0, s, sv, speed: bool):
 
 
 def _as(x, dtype: torch.dtype):
-    """``x`` rounded to ``dtype`` (round to nearest) and back to fp32: the eager path's intermediate roundings."""
-    return x if dtype == torch.float32 else x.to(dtype).float()
+    """``x`` rounded to ``dtype`` (round to nearest) and back to fp32: the eager path's intermediate roundings.
+
+    On a GPU the rounding to bf16 is done on the bits (round to nearest even; NaN kept): Triton code elided the
+    round trip through bf16 of some intermediates, ``emulate_precision_casts`` notwithstanding (the new Prodigy
+    ``s`` of an fp32 tensor differed from the eager path's in 6-12% of its elements on an H100)."""
+    if dtype == torch.float32:
+        return x
+    if not _bit_rounding(x) or dtype != torch.bfloat16 or x.dtype != torch.float32:
+        return x.to(dtype).float()
+    bits = x.view(torch.int32)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
+    return torch.where(x.isnan(), x, bits.view(torch.float32))
+
+
+def _bit_rounding(x) -> bool:
+    """Whether :func:`_as` rounds on the bits (everywhere but on a CPU; a test forces it on a CPU)."""
+    return x.device.type != "cpu"
+
+
+def _sq_sums_list(gs, factored: bool):
+    """Per tensor of a list (GPU): (sums of g^2 along dim 1, along dim 0) of a 2-D tensor, or (sum of g^2,)."""
+    out = []
+    for g in gs:
+        sq = g.float().square()
+        out.append((sq.sum(1), sq.sum(0)) if factored else (sq.sum(),))
+    return out
+
+
+def _sample_list(gss, dss, p0s, ss, sv, speed: bool):
+    """:func:`_sample_pass` over a list of tensors (GPU)."""
+    return [_sample_pass(gs, ds, p0, s, sv, speed) for gs, ds, p0, s in zip(gss, dss, p0s, ss)]
 
 
 def _moments(g, m, v, s, V: Variant):
@@ -290,8 +346,10 @@ def _direction(g, a, c, m_new, v_new, s, V: Variant):
     if V.full:
         den = _as(v_new.sqrt(), V.moment_dtype)
         if not V.atan2:
-            # (torch._foreach_add_ of a Python scalar to bf16 tensors rounds the scalar to bf16 first on a CPU)
-            den = _as(den + _as(s[_EPS_TERM], V.moment_dtype), V.moment_dtype)
+            # (torch._foreach_add_ of a Python scalar to bf16 tensors rounds the scalar to bf16 first on a CPU, not
+            # on a GPU)
+            eps_term = _as(s[_EPS_TERM], V.moment_dtype) if g.device.type == "cpu" else s[_EPS_TERM]
+            den = _as(den + eps_term, V.moment_dtype)
     else:
         den = a[:, None] * c[None, :]  # sqrt(r_i c_j) as sqrt(r_i) sqrt(c_j): no square root per element
         if not V.atan2:
@@ -362,6 +420,36 @@ def _update_pass(g, a, c, m, v, y, z, scale, s, aux_y, aux_z, V: Variant, moment
         y_new = y32 * s[_KEEP] if V.decay == "scale" else y32
         y_new = y_new + u * s[_NEG_DLR]
     _store(y, y_new, aux_y, V)
+
+
+def _rms_list(gs, as_, cs, ms, vs, s, V: Variant):
+    """:func:`_rms_pass` over a list of tensors (GPU): their sums of the squared update, stacked."""
+    return torch.stack([_rms_pass(g, a, c, m, v, s, V) for g, a, c, m, v in zip(gs, as_, cs, ms, vs)])
+
+
+def _update_list(gs, as_, cs, ms, vs, ys, zs, scales, s, table, starts, V: Variant, moments_done: bool):
+    """:func:`_update_pass` over a list of tensors (GPU). Stochastic rounding: element f of tensor i takes the
+    noise table[(starts[i, stream] + f) % TABLE_SIZE], gathered in the kernel (the table stays in the GPU's L2)."""
+    for i, (g, a, c, m, v, y, z, scale) in enumerate(zip(gs, as_, cs, ms, vs, ys, zs, scales)):
+        aux_y = aux_z = None
+        if V.storage == "sr":
+            index = torch.arange(y.numel(), device=y.device).view(y.shape)
+            aux_y = table[(starts[i, 0] + index) % TABLE_SIZE]
+            if z is not None:
+                aux_z = table[(starts[i, 1] + index) % TABLE_SIZE]
+        _update_pass(g, a, c, m, v, y, z, scale, s, aux_y, aux_z, V, moments_done)
+
+
+def _on_gpu(b: Bucket) -> bool:
+    """Whether the bucket's kernels run in list calls (any device but the CPU)."""
+    return b.params[0].device.type != "cpu"
+
+
+def _chunks(b: Bucket, indices) -> list[list[int]]:
+    """``indices`` in lists of at most LIST_CHUNK on a GPU, one by one on a CPU."""
+    indices = list(indices)
+    size = LIST_CHUNK if _on_gpu(b) else 1
+    return [indices[i:i + size] for i in range(0, len(indices), size)]
 
 
 # Positions in the per-bucket scalar vector (fp32, on the bucket's device).
@@ -452,17 +540,29 @@ def _prodigy_sample(b: Bucket, stats: torch.Tensor) -> None:
     sc, group = b.sc, b.group
     speed = group["use_speed"]
     sv = torch.tensor([sc["beta3"], sc["delta"]], dtype=torch.float32, device=stats.device)
-    outs = []
-    for i, (g, st, layout) in enumerate(zip(b.grads, b.states, b.layouts)):
-        data = kernels.prodigy_data(b, i)
+    outs: list = [None] * len(b.params)
+    rest = []
+    for i in range(len(b.params)):
         part = b.prodigy_parts.get(i)
-        if part is not None:
-            sums, s_new = part
-            dot = sums[0] if data.dtype == torch.float32 else sums[0].to(data.dtype).float()  # the bf16 dot
-            outs.append((dot, sums[1], sums[2], s_new))
+        if part is None:
+            rest.append(i)
             continue
-        k = _kernel("prodigy_sample", _sample_pass, (g.dtype, data.dtype, st["p0"].dtype, speed))
-        outs.append(k(kernels.sample(g, layout), kernels.sample(data, layout), st["p0"], st.get("s"), sv, speed))
+        sums, s_new = part
+        data = kernels.prodigy_data(b, i)
+        dot = sums[0] if data.dtype == torch.float32 else sums[0].to(data.dtype).float()  # the bf16 dot
+        outs[i] = (dot, sums[1], sums[2], s_new)
+    for idx in _chunks(b, rest):
+        i0 = idx[0]
+        key = (b.grads[i0].dtype, kernels.prodigy_data(b, i0).dtype, b.states[i0]["p0"].dtype, speed)
+        args = ([kernels.sample(b.grads[i], b.layouts[i]) for i in idx],
+                [kernels.sample(kernels.prodigy_data(b, i), b.layouts[i]) for i in idx],
+                [b.states[i]["p0"] for i in idx], [b.states[i].get("s") for i in idx])
+        if len(idx) == 1 and not _on_gpu(b):
+            outs[i0] = _kernel("prodigy_sample", _sample_pass, key)(*(a[0] for a in args), sv, speed)
+            continue
+        results = _kernel("prodigy_sample_list", _sample_list, key + (len(idx),))(*args, sv, speed)
+        for i, r in zip(idx, results):
+            outs[i] = r
     stats[:, DOT] = torch.stack([o[0] for o in outs]).float()
     stats[:, ABS_S] = torch.stack([o[1] for o in outs])
     if speed:
@@ -475,7 +575,22 @@ def _prodigy_sample(b: Bucket, stats: torch.Tensor) -> None:
 def statistics(b: Bucket) -> list[torch.Tensor]:
     """Phase A (same contract as :func:`kernels.statistics`), with the compiled factored statistics and Prodigy
     sample."""
-    return kernels.statistics(b, row_col=_row_col, prodigy_sample=_prodigy_sample, sq_norms=_sq_norms)
+    if not _on_gpu(b):
+        return kernels.statistics(b, row_col=_row_col, prodigy_sample=_prodigy_sample, sq_norms=_sq_norms)
+    # on a GPU: the sums of g^2 of the whole bucket first, in list calls
+    factored = b.kind == "factored"
+    sums: list = [None] * len(b.grads)
+    for idx in _chunks(b, range(len(b.grads))):
+        k = _kernel("prodigy_sq_sums_list", _sq_sums_list, (b.grads[idx[0]].dtype, factored, len(idx)))
+        for i, r in zip(idx, k([b.grads[i] for i in idx], factored)):
+            sums[i] = r
+
+    def row_col(b: Bucket, i: int, dr: int, dc: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, cols = sums[i][0].view(-1, 1), sums[i][1].view(1, -1)
+        return (cols, rows) if dr == 0 else (rows, cols)
+
+    return kernels.statistics(b, row_col=row_col, prodigy_sample=_prodigy_sample,
+                              sq_norms=lambda b: [t[0] for t in sums])
 
 
 # ------------------------------------------------------------------------------------------ phase B
@@ -524,9 +639,15 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
     gs = [flat(g) for g in b.grads]
     scales: list[torch.Tensor | None] = [None] * n
     if V.stable:
-        rms_k = _kernel("prodigy_rms", _rms_pass, key)
-        d_eps = (sc["d"], sc["d"] * b.group["eps"])
-        uu = torch.stack([_rms(rms_k, g, a, c, m, v, s, V, d_eps) for g, (a, c), m, v in zip(gs, factors, ms, vs)])
+        if _on_gpu(b):
+            uu = torch.cat([_kernel("prodigy_rms_list", _rms_list, key + (len(idx),))(
+                [gs[i] for i in idx], [factors[i][0] for i in idx], [factors[i][1] for i in idx],
+                [ms[i] for i in idx], [vs[i] for i in idx], s, V) for idx in _chunks(b, range(n))])
+        else:
+            rms_k = _kernel("prodigy_rms", _rms_pass, key)
+            d_eps = (sc["d"], sc["d"] * b.group["eps"])
+            uu = torch.stack([_rms(rms_k, g, a, c, m, v, s, V, d_eps)
+                              for g, (a, c), m, v in zip(gs, factors, ms, vs)])
         yield [uu]
         numels = torch.tensor([lay.global_numel for lay in b.layouts], dtype=torch.float32, device=uu.device)
         scales = list((uu / numels).sqrt().clamp_min(1.0).sqrt().unbind(0))
@@ -536,6 +657,9 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
             st.pop("p0", None)
             st.pop("s", None)
 
+    if _on_gpu(b):
+        _update_lists(b, V, s, gs, factors, ms, vs, scales, flat)
+        return
     native_sr = V.storage == "sr" and b.params[0].device.type == "cpu" and native.available()
     if native_sr:  # the kernel writes fp32 results into a buffer in cache, native.stochastic_round_ stores them
         V = V._replace(storage="sr_out")
@@ -572,6 +696,24 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
                 if target is not None and not native.stochastic_round_(target, result, noise):
                     raise RuntimeError("internal error: the native stochastic rounding refused contiguous CPU "
                                        "chunks; please report this")
+
+
+def _update_lists(b: Bucket, V: Variant, s, gs, factors, ms, vs, scales, flat) -> None:
+    """The update pass on a GPU: list calls of :func:`_update_list` (stochastic rounding gathers its noise from
+    the table in the kernel, from each tensor's start position)."""
+    device = b.params[0].device
+    table = starts = None
+    if V.storage == "sr":
+        table = doubled_table(device, b.sr_seed)
+        starts = torch.tensor([[table_start(b.sc["k"], stream, lay.flat_offset) for stream in (0, 1)]
+                               for lay in b.layouts], dtype=torch.int64, device=device)
+    for idx in _chunks(b, range(len(b.params))):
+        zs = [flat(b.states[i]["z"]) if V.schedulefree else None for i in idx]
+        k = _kernel("prodigy_update_list", _update_list, tuple(V) + (V.stable, len(idx)))
+        # (detached parameters: dynamo gives nn.Parameter inputs static shapes)
+        k([gs[i] for i in idx], [factors[i][0] for i in idx], [factors[i][1] for i in idx], [ms[i] for i in idx],
+          [vs[i] for i in idx], [flat(b.params[i].detach()) for i in idx], zs, [scales[i] for i in idx], s, table,
+          starts[idx] if starts is not None else None, V, V.stable)
 
 
 def _rms(rms_k: _Kernel, g, a, c, m, v, s, V: Variant, d_eps: tuple[float, float]) -> torch.Tensor:

@@ -218,8 +218,8 @@ def _prodigy_sample(b: Bucket, stats: torch.Tensor) -> None:
         stats[:, L2SQ] = _sample_sums(b, es, absolute=False)
         return
     s_new = torch._foreach_mul([st["s"] for st in b.states] if pack is None else [b.flat["s"]], sc["beta3"])
-    if pack is not None and gs[0].dtype == s_new[0].dtype != torch.float32:
-        # the per-tensor add_ below reads strided samples of g, and torch's strided kernel for a low-precision
+    if pack is not None and gs[0].dtype == s_new[0].dtype != torch.float32 and gs[0].device.type == "cpu":
+        # the per-tensor add_ below reads strided samples of g, and torch's strided CPU kernel for a low-precision
         # add_ with alpha rounds alpha, then alpha * g, to that precision: the same on the contiguous flat samples
         alpha = torch.tensor(sc["delta"], dtype=gs[0].dtype).item()
         torch._foreach_add_(s_new, [gs[0].float().mul_(alpha).to(gs[0].dtype)])

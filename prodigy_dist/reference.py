@@ -144,8 +144,9 @@ class ReferenceProdigyPlusScheduleFree(torch.optim.Optimizer):
             return loss
 
         split = self.param_groups[0]["split_groups"]
-        num = [torch.zeros((), dtype=torch.float32) for _ in self.param_groups]
-        den = [torch.zeros((), dtype=torch.float32) for _ in self.param_groups]
+        device = grads[0].device if grads else None
+        num = [torch.zeros((), dtype=torch.float32, device=device) for _ in self.param_groups]
+        den = [torch.zeros((), dtype=torch.float32, device=device) for _ in self.param_groups]
         for gi, group in enumerate(self.param_groups):
             sc = step_scalars(group)
             acc = gi if split else 0
@@ -280,9 +281,9 @@ class ReferenceProdigyPlusScheduleFree(torch.optim.Optimizer):
             prev = state.get("exp_avg_x0_dot", dot)
             dot = prev * beta + dot * (1 - beta)
             state["exp_avg_x0_dot"] = dot
-            l1 = torch.maximum(e.float().abs().sum(), state.get("max_x0_minus_l1_norm", torch.tensor(1e-8)))
-            l2 = torch.maximum(torch.linalg.vector_norm(e.float()),
-                               state.get("max_x0_minus_l2_norm", torch.tensor(1e-8)))
+            floor = torch.tensor(1e-8, device=e.device)
+            l1 = torch.maximum(e.float().abs().sum(), state.get("max_x0_minus_l1_norm", floor))
+            l2 = torch.maximum(torch.linalg.vector_norm(e.float()), state.get("max_x0_minus_l2_norm", floor))
             state["max_x0_minus_l1_norm"], state["max_x0_minus_l2_norm"] = l1, l2
             den[acc] += l2
             num[acc] += (delta / (l2 + 1) ** 2) * dot / l1

@@ -7,6 +7,9 @@ import copy
 import torch
 from torch import nn
 
+#: Devices the device-parametrised tests run on: the CPU always, a GPU too where there is one.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
 
 class MixedModel(nn.Module):
     """Wide, square and tall matrices, a conv weight, 1-D tensors and a small unfactored matrix."""
@@ -37,21 +40,21 @@ def two_groups(model: nn.Module, **second) -> list[dict]:
     return [dict(params=mats), dict(params=rest, **second)]
 
 
-def batch(step: int, dtype=torch.float32):
+def batch(step: int, dtype=torch.float32, device="cpu"):
     g = torch.Generator().manual_seed(1000 + step)
-    x = torch.randn(16, 3, 6, 6, generator=g).to(dtype)
-    t = torch.randn(16, 8, generator=g).to(dtype)
+    x = torch.randn(16, 3, 6, 6, generator=g).to(device, dtype)
+    t = torch.randn(16, 8, generator=g).to(device, dtype)
     return x, t
 
 
 def loss_of(model, step, dtype=torch.float32):
-    x, t = batch(step, dtype)
+    x, t = batch(step, dtype, next(model.parameters()).device)
     return ((model(x).float() - t.float()) ** 2).mean()
 
 
-def make_pair(cls_a, cls_b, options: dict, dtype=torch.float32, seed: int = 0, groups=two_groups):
+def make_pair(cls_a, cls_b, options: dict, dtype=torch.float32, seed: int = 0, groups=two_groups, device="cpu"):
     torch.manual_seed(seed)
-    model_a = MixedModel().to(dtype)
+    model_a = MixedModel().to(device, dtype)
     model_b = copy.deepcopy(model_a)
     return model_a, cls_a(groups(model_a), **options), model_b, cls_b(groups(model_b), **options)
 

@@ -14,6 +14,7 @@ import torch
 
 from prodigy_dist import ProdigyPlusScheduleFree, compiled, packing
 
+from .helpers import DEVICES
 from .test_reduction import CountingReducer
 
 # (rows, cols): factored along dim 0 and along dim 1, a row count that is not a multiple of the block; a 1-D tensor
@@ -37,20 +38,21 @@ def no_packing(monkeypatch):
     monkeypatch.setattr(packing, "ENABLED", False)
 
 
-def make_params(dtype: torch.dtype, seed: int = 0) -> list[torch.nn.Parameter]:
+def make_params(dtype: torch.dtype, seed: int = 0, device="cpu") -> list[torch.nn.Parameter]:
     gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.1).to(dtype)) for s in SHAPES]
+    return [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.1).to(device, dtype)) for s in SHAPES]
 
 
 def set_grads(params, step: int) -> None:
     """Gradients of a quadratic pulling every weight towards 1, plus noise (so that d grows)."""
     gen = torch.Generator().manual_seed(100 + step)
     for p in params:
-        p.grad = ((p.detach().float() - 1.0) * 0.1 + torch.randn(p.shape, generator=gen) * 0.01).to(p.dtype)
+        noise = torch.randn(p.shape, generator=gen).to(p.device)
+        p.grad = ((p.detach().float() - 1.0) * 0.1 + noise * 0.01).to(p.dtype)
 
 
-def run(fast_path: str, options: dict, dtype: torch.dtype, steps: int = 4, reducer=None):
-    params = make_params(dtype)
+def run(fast_path: str, options: dict, dtype: torch.dtype, steps: int = 4, reducer=None, device="cpu"):
+    params = make_params(dtype, device=device)
     # d0 large enough that d grows within a few steps (so the test covers changing d)
     opt = ProdigyPlusScheduleFree(params, fast_path=fast_path, d0=1e-3, **options)
     if reducer is not None:
@@ -85,24 +87,50 @@ def assert_close(pa, oa, pb, ob, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_compiled_equals_eager(variant, dtype):
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_equals_eager(variant, dtype, device):
     options = VARIANTS[variant]
-    pe, oe = run("eager", options, dtype)
-    pc, oc = run("compiled", options, dtype)
+    pe, oe = run("eager", options, dtype, device=device)
+    pc, oc = run("compiled", options, dtype, device=device)
     assert oe.param_groups[0]["d"] > 1e-3  # d moved: the steps used several values of d
     assert_close(pc, oc, pe, oe, dtype)
     assert set(_impls(oc, pc)) == {compiled}
 
 
 @pytest.mark.parametrize("variant", ["default", "prodigy_mode"])
-def test_compiled_under_lockstep_reducer_equals_eager(variant):
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_under_lockstep_reducer_equals_eager(variant, device):
     """Under a reducer (the sharded code path on one process): same collectives, same sizes, same results."""
     options = VARIANTS[variant]
     re, rc = CountingReducer(), CountingReducer()
-    pe, oe = run("eager", options, torch.float32, reducer=re)
-    pc, oc = run("compiled", options, torch.float32, reducer=rc)
+    pe, oe = run("eager", options, torch.float32, reducer=re, device=device)
+    pc, oc = run("compiled", options, torch.float32, reducer=rc, device=device)
     assert rc.flushes == re.flushes and rc.collectives == re.collectives > 0
     assert_close(pc, oc, pe, oe, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_formulation_equals_eager_on_a_cpu(monkeypatch, dtype):
+    """What a GPU runs (list calls over several tensors, the noise gathered in the update kernel, bf16 roundings on
+    the bits), run on the CPU: equal to the eager path, and reused by a model of other shapes."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(compiled, "_on_gpu", lambda b: True)
+    monkeypatch.setattr(compiled, "_bit_rounding", lambda x: True)
+    pe, oe = run("eager", {}, dtype)
+    graphs = counters["stats"]["unique_graphs"]
+    pc, oc = run("compiled", {}, dtype)
+    assert_close(pc, oc, pe, oe, dtype)
+    assert counters["stats"]["unique_graphs"] > graphs  # the list kernels were compiled, not found in the cache
+    names = [k.name for k in compiled._kernels.values()]
+    assert any(n.startswith("prodigy_update_list") and n.endswith("_3") for n in names)  # the 3 matrices: one call
+    graphs = counters["stats"]["unique_graphs"]
+    others = [torch.nn.Parameter((torch.randn(s) * 0.1).to(dtype)) for s in [(128, 80), (72, 300), (66, 64), (5000,)]]
+    opt = ProdigyPlusScheduleFree(others, fast_path="compiled", d0=1e-3)
+    for p in others:
+        p.grad = torch.randn_like(p) * 0.01
+    opt.step()
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_bf16_tensor_larger_than_the_noise_table_equals_eager():
@@ -134,10 +162,11 @@ def test_bf16_tensor_larger_than_the_noise_table_equals_eager():
     assert_close([pk], ok, [pe], oe, torch.bfloat16)
 
 
-def test_no_recompilation_when_d_and_step_change():
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_recompilation_when_d_and_step_change(device):
     from torch._dynamo.utils import counters
 
-    params = make_params(torch.float32)
+    params = make_params(torch.float32, device=device)
     opt = ProdigyPlusScheduleFree(params, fast_path="compiled", d0=1e-3)
     set_grads(params, 0)
     opt.step()
@@ -150,8 +179,10 @@ def test_no_recompilation_when_d_and_step_change():
         opt.step()
     assert len(ds) == 4 and opt.param_groups[0]["k"] == 6
     assert counters["stats"]["unique_graphs"] == graphs
-    # a model with other shapes (same size ranges) reuses the same graphs too
-    others = [torch.nn.Parameter(torch.randn(s) * 0.1) for s in [(128, 80), (72, 300), (5000,)]]
+    # a model with other shapes (same size ranges, and on a GPU the same number of tensors per list call) reuses the
+    # same graphs too
+    others = [torch.nn.Parameter(torch.randn(s, device=device) * 0.1)
+              for s in [(128, 80), (72, 300), (66, 64), (5000,)]]
     opt2 = ProdigyPlusScheduleFree(others, fast_path="compiled", d0=1e-3)
     for p in others:
         p.grad = torch.randn_like(p) * 0.01

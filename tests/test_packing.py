@@ -11,6 +11,8 @@ from prodigy_dist.layout import ParamLayout, chunk_ranges
 from prodigy_dist.rounding import write_back_
 from prodigy_dist.scalars import step_scalars
 
+from .helpers import DEVICES
+
 # 1-D tensors of many sizes (0: an empty piece; 1, 10, 11, 12 around the sampling stride), a small 2-D tensor (all
 # dims < 32: full second moment, packed with a shape), and a 1-D tensor too large to pack
 SIZES = [1, 10, 11, 12, 0, 3000, 7, 500, 2048, 23]
@@ -37,22 +39,22 @@ OPTIONS = {
 }
 
 
-def _params(dtype, large=False):
+def _params(dtype, large=False, device="cpu"):
     gen = torch.Generator().manual_seed(0)
     shapes = [(n,) for n in SIZES] + [SHAPED] + ([(LARGE,)] if large else [])
-    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(device, dtype)) for s in shapes]
 
 
-def _run(monkeypatch, enabled, dtype, options, steps=STEPS, no_grad=None, large=False):
+def _run(monkeypatch, enabled, dtype, options, steps=STEPS, no_grad=None, large=False, device="cpu"):
     """A few steps on a quadratic (gradients that agree from step to step, so that d grows), packed or not."""
     monkeypatch.setattr(packing, "ENABLED", enabled)
-    params = _params(dtype, large)
+    params = _params(dtype, large, device)
     opt = ProdigyPlusScheduleFree(params, d0=1e-3, fast_path="eager", **options)
     gen = torch.Generator().manual_seed(1)
-    targets = [torch.randn(p.shape, generator=gen) for p in params]
+    targets = [torch.randn(p.shape, generator=gen).to(device) for p in params]
     for step in range(steps):
         for i, (p, t) in enumerate(zip(params, targets)):
-            noise = torch.randn(p.shape, generator=gen)
+            noise = torch.randn(p.shape, generator=gen).to(device)
             p.grad = None if (no_grad is not None and i == no_grad and step % 2) else \
                 (p.detach().float() - t + 0.1 * noise).to(dtype)
         opt.step()
@@ -96,14 +98,15 @@ def _compare(pa, oa, pb, ob, dtype):
 
 @pytest.mark.parametrize("name", sorted(OPTIONS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16_sr"])
-def test_packed_equals_per_tensor(monkeypatch, name, dtype):
-    pa, oa = _run(monkeypatch, True, dtype, OPTIONS[name])
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_equals_per_tensor(monkeypatch, name, dtype, device):
+    pa, oa = _run(monkeypatch, True, dtype, OPTIONS[name], device=device)
     assert len(_packed_buckets(oa)) == 1
-    pb, ob = _run(monkeypatch, False, dtype, OPTIONS[name])
+    pb, ob = _run(monkeypatch, False, dtype, OPTIONS[name], device=device)
     assert not _packed_buckets(ob)
     _compare(pa, oa, pb, ob, dtype)
     assert oa.param_groups[0]["d"] > 1e-3 or OPTIONS[name].get("use_bias_correction")  # d moved
-    assert not torch.equal(pa[5].detach(), _params(dtype)[5].detach())  # the weights moved
+    assert not torch.equal(pa[5].detach(), _params(dtype, device=device)[5].detach())  # the weights moved
 
 
 def test_packed_round_to_nearest_bf16(monkeypatch):
