@@ -19,8 +19,9 @@ parameter the compiled passes move (counted from the passes, for the 2-D tensors
 the floor (those bytes over the copy bandwidth measured in the same rounds) and the compile time (first step of
 ``compiled`` minus a warm step). On a CPU whose reads, not writes, bound these passes, the telling figure is
 ``auto x read floor at AdamW(fused)'s read rate``: auto's time over the time of reading our bytes (``B read/param``)
-at the rate fused AdamW reads its 16 (fp32). The default step reads 24 B/param, so it is 1.5x fused AdamW when both
-read at the same rate.
+at the rate fused AdamW reads its 16 (fp32). The default step reads 20 B/param on a CPU with the native kernels
+(g in the statistics, RMS and update passes, y and z in the update; z's sampled values for the Prodigy statistics
+come compact from the previous update), so it is 1.25x fused AdamW when both read at the same rate.
 
 The gradients are shared by all optimizers of a case (never modified); every optimizer has its own parameters.
 
@@ -69,12 +70,15 @@ VARIANTS = {
 
 def bytes_per_param(options: dict, dtype: str, native_kernels: bool) -> tuple[int, int]:
     """Bytes per parameter the compiled step reads and writes for a 2-D tensor (see prodigy_dist/compiled.py), not
-    counting the 1/11-sized Prodigy vectors (p0, s: about 1 B/param in all)."""
+    counting the 1/11-sized Prodigy vectors (p0, s, and z's compact samples: about 1.5 B/param in all)."""
     e = 4 if dtype == "fp32" else 2  # element size of g, y, z, m, v
     sf = options.get("use_schedulefree", True)
     full = not options.get("factored", True)
     stable = options.get("eps", 1e-8) is not None
-    if native_kernels:  # phase A, one native pass: g, and the strided walk over z (or y) touches every line
+    if native_kernels and dtype == "fp32" and sf and not full and stable:
+        # one native pass over g; z's samples come compact from the native update of the step before
+        read = e
+    elif native_kernels:  # phase A, one native pass: g, and the strided walk over z (or y) touches every line
         read = 2 * e
     elif full:  # sum g^2, then the Prodigy sample: strided walks over g and z (or y)
         read = 3 * e

@@ -9,7 +9,9 @@ Passes over memory per parameter of a 2-D tensor (fp32; bf16 halves every figure
 * phase A, factored statistics and Prodigy sample. On a CPU, one native pass (:mod:`prodigy_dist.native`) reads g
   once for the row and column sums of g^2 and, block by block, computes the Prodigy sums on the sampled elements
   (every 11th) with g still in cache: 4 B/param for g plus 4 B/param for z (or y), whose sampled walk at a stride
-  of 44 bytes touches every cache line. Unfactored 2-D tensors use the same pass for their sum of g^2. Elsewhere
+  of 44 bytes touches every cache line -- except where the previous step's native update left z's new sampled
+  values in a compact vector (see phase B): then 4/11 B/param. Unfactored 2-D tensors use the same pass for their
+  sum of g^2. Elsewhere
   (or if the native build failed) inductor does it in three reads:
   the row sums and the column sums accumulated per block of ROW_BLOCK rows (inductor emits these as two loops: no
   formulation tried -- blocked rows, square tiles, permuted tiles, artificial dependencies for its outer-loop
@@ -17,14 +19,18 @@ Passes over memory per parameter of a 2-D tensor (fp32; bf16 halves every figure
   the strided slices of g and z (8 + 8 B/param);
 * phase B, StableAdamW on (``eps`` a number): one read of g for the RMS of the update (recomputed, never stored;
   native on a CPU for factored Schedule-Free tensors), yield, then one fused pass that reads g, y and z and writes
-  y and z (4 + 20 B/param). Prodigy mode writes the first moment in the RMS pass and reads it in the update pass;
+  y and z (4 + 20 B/param). On a CPU, fp32 factored Schedule-Free tensors with ``eps`` a number take a native
+  update pass (:func:`native.update_sf_factored`), which also copies z's new values at the sampled positions
+  into a compact fp32 vector (1/11 of z, from cache) for the next step's statistics: kept out of the state,
+  remembered with z's version counter, so that any other write to z (a loaded checkpoint) makes the next step
+  walk z again. It costs 4/11 B/param of memory and saves the 4 B/param walk. Prodigy mode writes the first moment in the RMS pass and reads it in the update pass;
   ``factored=False`` does the same with the full second moment; ``eps=None`` (Adam-atan2) has no RMS pass.
   bf16 storage with stochastic rounding on a CPU: the update pass writes each chunk's fp32 results (at most
   TABLE_SIZE elements of y and z: 8 MB, reused) into a buffer that stays in cache, and a native kernel rounds them
   into the bf16 storage with the noise table (inductor's CPU code turns the bit casts of the rounding into scalar
   loops, which made that pass five times slower than rounding to nearest). Elsewhere the compiled pass rounds.
 
-Default options: 32 B/param on a CPU (40 with inductor's statistics; fused AdamW: 28). No parameter-sized temporary
+Default options: 28 B/param on a CPU, 20 of them read (40 with inductor's statistics; fused AdamW: 28, 16 read). No parameter-sized temporary
 is allocated: the largest buffers are the per-thread column sums and the new Prodigy ``s`` (1/11, bf16).
 
 Compiled variants (anything else runs the eager kernels, by design): factored 2-D tensors and unfactored tensors,
@@ -58,6 +64,7 @@ import logging
 import shutil
 import sys
 import types
+import weakref
 from typing import Callable, Generator, NamedTuple
 
 import torch
@@ -531,7 +538,11 @@ def _native_sample(b: Bucket, i: int) -> tuple | None:
     if not (b.sc["prodigy_active"] and not b.sc["adopt_first"] and "p0" in st):
         return None
     s = None if b.group["use_speed"] else st["s"]
-    return b.layouts[i].slice_start, kernels.prodigy_data(b, i), st["p0"], s, b.sc["beta3"], b.sc["delta"]
+    data, start = kernels.prodigy_data(b, i), b.layouts[i].slice_start
+    compact = _recalled_samples(data, start) if b.group["use_schedulefree"] else None
+    if compact is not None and compact.numel() != st["p0"].numel():
+        compact = None
+    return start, data, st["p0"], s, b.sc["beta3"], b.sc["delta"], compact
 
 
 def _prodigy_sample(b: Bucket, stats: torch.Tensor) -> None:
@@ -661,6 +672,8 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
         _update_lists(b, V, s, gs, factors, ms, vs, scales, flat)
         return
     native_sr = V.storage == "sr" and b.params[0].device.type == "cpu" and native.available()
+    native_update = V.storage == "fp32" and not V.full and V.schedulefree and not V.atan2 \
+        and b.params[0].device.type == "cpu"
     if native_sr:  # the kernel writes fp32 results into a buffer in cache, native.stochastic_round_ stores them
         V = V._replace(storage="sr_out")
     upd = _kernel("prodigy_update", _update_pass, tuple(V) + (V.stable,))
@@ -671,6 +684,8 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
         args = [gs[i], a, ms[i], vs[i], flat(b.params[i].detach()), z]
         if V.storage not in ("sr", "sr_out"):
             g, a, m, v, y, z = args
+            if native_update and _native_update(b, i, g, y, z, a, c, s, scales[i], V):
+                continue
             upd(g, a, c, m, v, y, z, scales[i], s, None, None, V, V.stable)
             continue
         # Stochastic rounding reads the noise table from a start position that depends on the step: the tensor
@@ -714,6 +729,51 @@ def _update_lists(b: Bucket, V: Variant, s, gs, factors, ms, vs, scales, flat) -
         k([gs[i] for i in idx], [factors[i][0] for i in idx], [factors[i][1] for i in idx], [ms[i] for i in idx],
           [vs[i] for i in idx], [flat(b.params[i].detach()) for i in idx], zs, [scales[i] for i in idx], s, table,
           starts[idx] if starts is not None else None, V, V.stable)
+
+
+def _native_update(b: Bucket, i: int, g, y, z, a, c, s, scale, V: Variant) -> bool:
+    """The native update of a factored fp32 Schedule-Free piece (CPU), which also leaves z's new sampled values for
+    the next step's statistics pass (remembered with z's version counter: any other write to z voids them)."""
+    st, layout = b.states[i], b.layouts[i]
+    p0 = st.get("p0")
+    out = None
+    if p0 is not None:  # (the last step's buffer is free again: this step's statistics have read it)
+        entry = _z_samples.get(id(z))
+        out = entry[4] if entry is not None and entry[0]() is z and entry[4].numel() == p0.numel() else \
+            torch.empty(p0.numel(), dtype=torch.float32)
+    if not native.update_sf_factored(g, y, z, a, c, s, scale, V.decay,
+                                     (layout.slice_start, out) if out is not None else None):
+        return False
+    if out is not None:
+        _remember_samples(z, layout.slice_start, out)
+    return True
+
+
+#: id(z) -> (weak reference to z, z's version counter, its data pointer, the sample start, z's sampled values)
+_z_samples: dict[int, tuple] = {}
+
+
+def _remember_samples(z: torch.Tensor, start: int, values: torch.Tensor) -> None:
+    try:
+        version = z._version
+    except RuntimeError:  # an inference tensor has no version counter: nothing to check against, keep nothing
+        return
+    key = id(z)
+    ref = weakref.ref(z, lambda _, key=key: _z_samples.pop(key, None))
+    _z_samples[key] = (ref, version, z.data_ptr(), start, values)
+
+
+def _recalled_samples(z: torch.Tensor, start: int) -> torch.Tensor | None:
+    """z's sampled values as the native update left them, if z has not been written since (else None)."""
+    entry = _z_samples.get(id(z))
+    if entry is None:
+        return None
+    ref, version, ptr, first, values = entry
+    try:
+        same = ref() is z and z._version == version and z.data_ptr() == ptr and first == start
+    except RuntimeError:
+        same = False
+    return values if same else None
 
 
 def _rms(rms_k: _Kernel, g, a, c, m, v, s, V: Variant, d_eps: tuple[float, float]) -> torch.Tensor:

@@ -133,6 +133,36 @@ def test_gpu_formulation_equals_eager_on_a_cpu(monkeypatch, dtype):
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+def test_native_update_leaves_z_samples_for_the_next_statistics(monkeypatch):
+    """On a CPU, the native update of factored fp32 tensors keeps z's new sampled values, and the next statistics
+    pass reads them instead of walking z: bitwise the same steps as walking z; any other write to z voids them."""
+    from prodigy_dist import native
+    if not native.available():
+        pytest.skip("the native CPU kernels could not be built here")
+    recall = compiled._recalled_samples
+    found = []
+
+    def counting(z, start):
+        values = recall(z, start)
+        found.append(values is not None)
+        return values
+
+    monkeypatch.setattr(compiled, "_recalled_samples", counting)
+    pa, oa = run("compiled", {}, torch.float32, steps=5)
+    assert sum(found) == 3 * 4  # the 3 matrices, in every step after the first
+    monkeypatch.setattr(compiled, "_recalled_samples", lambda z, start: None)
+    pb, ob = run("compiled", {}, torch.float32, steps=5)
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)
+        for key, value in oa.state[a].items():
+            if torch.is_tensor(value):
+                assert torch.equal(value, ob.state[b][key]), key
+    z = oa.state[pa[0]]["z"]
+    assert recall(z, 0) is not None and recall(z, 1) is None  # (another sample start)
+    z.mul_(1.0)  # an in-place write (e.g. a checkpoint loaded into the state) voids them
+    assert recall(z, 0) is None
+
+
 def test_bf16_tensor_larger_than_the_noise_table_equals_eager():
     """Stochastic rounding of a tensor stepped in several chunks of the noise table (on a CPU: the native rounding
     of each chunk's fp32 results), and with the native kernels unavailable (the compiled kernel's own rounding).
