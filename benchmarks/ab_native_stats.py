@@ -2,7 +2,9 @@
 shapes of GPT-2 124M (bench_step.py's set), fp32, default options, 2 threads; AdamW(fused=True) timed in the same
 rounds.
 
-  all native                 statistics pass with the Prodigy sums, native StableAdamW RMS pass
+  all native                 statistics pass with the Prodigy sums, native StableAdamW RMS pass, native update
+                             (which keeps z's sampled values compact: the statistics pass does not walk z)
+  compiled update            the update pass compiled by inductor (the statistics pass walks z again)
   native stats, no Prodigy   the Prodigy sums in the compiled sample kernel (a strided walk over g and z)
   inductor RMS               the RMS pass compiled by inductor
   inductor only              no native kernel at all
@@ -36,12 +38,14 @@ base = make_base_tensors(args.set, torch.float32, seed=0)
 params = make_params(base)
 opt = ProdigyPlusScheduleFree(params, fast_path="compiled")
 adamw = torch.optim.AdamW(make_params(base), fused=True)
-stats, rms = native.statistics, native.rms_factored
-modes = {  # name -> (statistics, rms_factored), or None for AdamW
-    "all native": (stats, rms),
-    "native stats, no Prodigy": (lambda g, sample=None: stats(g, None), rms),
-    "inductor RMS": (stats, lambda *a: None),
-    "inductor only": (lambda *a: None, lambda *a: None),
+stats, rms, update = native.statistics, native.rms_factored, native.update_sf_factored
+off = lambda *a: None  # noqa: E731
+modes = {  # name -> (statistics, rms_factored, update_sf_factored), or None for AdamW
+    "all native": (stats, rms, update),
+    "compiled update": (stats, rms, lambda *a: False),
+    "native stats, no Prodigy": (lambda g, sample=None: stats(g, None), rms, lambda *a: False),
+    "inductor RMS": (stats, off, lambda *a: False),
+    "inductor only": (off, off, lambda *a: False),
     "AdamW(fused=True)": None,
 }
 
@@ -49,7 +53,7 @@ modes = {  # name -> (statistics, rms_factored), or None for AdamW
 def run(mode: str, n: int = 6) -> float:
     optimizer = adamw if modes[mode] is None else opt
     if modes[mode] is not None:
-        native.statistics, native.rms_factored = modes[mode]
+        native.statistics, native.rms_factored, native.update_sf_factored = modes[mode]
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -64,7 +68,7 @@ results = {m: [] for m in modes}
 for _ in range(args.rounds):
     for m in modes:
         results[m].append(run(m))
-native.statistics, native.rms_factored = stats, rms
+native.statistics, native.rms_factored, native.update_sf_factored = stats, rms, update
 fused = statistics.median(results["AdamW(fused=True)"])
 print(f"{args.set}: {sum(p.numel() for p in params) / 1e6:.1f}M params, torch {torch.__version__}, "
       f"{args.threads} threads, {args.rounds} rounds")
