@@ -11,8 +11,7 @@ Passes over memory per parameter of a 2-D tensor (fp32; bf16 halves every figure
   (every 11th) with g still in cache: 4 B/param for g plus 4 B/param for z (or y), whose sampled walk at a stride
   of 44 bytes touches every cache line -- except where the previous step's native update left z's new sampled
   values in a compact vector (see phase B): then 4/11 B/param. Unfactored 2-D tensors use the same pass for their
-  sum of g^2. Elsewhere
-  (or if the native build failed) inductor does it in three reads:
+  sum of g^2. Elsewhere (or if the native build failed) inductor does it in three reads:
   the row sums and the column sums accumulated per block of ROW_BLOCK rows (inductor emits these as two loops: no
   formulation tried -- blocked rows, square tiles, permuted tiles, artificial dependencies for its outer-loop
   fusion -- got it to share one loop between a reduction over rows and one over columns), then one kernel over
@@ -23,15 +22,17 @@ Passes over memory per parameter of a 2-D tensor (fp32; bf16 halves every figure
   update pass (:func:`native.update_sf_factored`), which also copies z's new values at the sampled positions
   into a compact fp32 vector (1/11 of z, from cache) for the next step's statistics: kept out of the state,
   remembered with z's version counter, so that any other write to z (a loaded checkpoint) makes the next step
-  walk z again. It costs 4/11 B/param of memory and saves the 4 B/param walk. Prodigy mode writes the first moment in the RMS pass and reads it in the update pass;
-  ``factored=False`` does the same with the full second moment; ``eps=None`` (Adam-atan2) has no RMS pass.
+  walk z again. It costs 4/11 B/param of memory and saves the 4 B/param walk. Prodigy mode writes the first
+  moment in the RMS pass and reads it in the update pass; ``factored=False`` does the same with the full second
+  moment; ``eps=None`` (Adam-atan2) has no RMS pass.
   bf16 storage with stochastic rounding on a CPU: the update pass writes each chunk's fp32 results (at most
   TABLE_SIZE elements of y and z: 8 MB, reused) into a buffer that stays in cache, and a native kernel rounds them
   into the bf16 storage with the noise table (inductor's CPU code turns the bit casts of the rounding into scalar
   loops, which made that pass five times slower than rounding to nearest). Elsewhere the compiled pass rounds.
 
-Default options: 28 B/param on a CPU, 20 of them read (40 with inductor's statistics; fused AdamW: 28, 16 read). No parameter-sized temporary
-is allocated: the largest buffers are the per-thread column sums and the new Prodigy ``s`` (1/11, bf16).
+Default options: 28 B/param on a CPU, 20 of them read (40 with inductor's statistics; fused AdamW: 28, 16 read).
+No parameter-sized temporary is allocated: the largest buffers are the per-thread column sums and the new Prodigy
+``s`` (1/11, bf16).
 
 Compiled variants (anything else runs the eager kernels, by design): factored 2-D tensors and unfactored tensors,
 fp32 or bf16 storage (stochastic rounding with exactly the noise of :mod:`prodigy_dist.rounding`, or round to
@@ -489,8 +490,7 @@ def _row_col(b: Bucket, i: int, dr: int, dc: int) -> tuple[torch.Tensor, torch.T
     g = b.grads[i]
     sums = _native_pass(b, i)
     if sums is not None:
-        rows, cols = sums[0].view(-1, 1), sums[1].view(1, -1)
-        return (cols, rows) if dr == 0 else (rows, cols)
+        return _oriented(*sums, dr)
     main = g.shape[0] - g.shape[0] % ROW_BLOCK
     if main:
         rows, cols = _kernel("prodigy_stats", _stats_2d, (g.dtype,))(g)
@@ -498,6 +498,12 @@ def _row_col(b: Bucket, i: int, dr: int, dc: int) -> tuple[torch.Tensor, torch.T
         tail = g[main:].float().square()
         tail_rows, tail_cols = tail.sum(1), tail.sum(0)
         rows, cols = (torch.cat([rows, tail_rows]), cols + tail_cols) if main else (tail_rows, tail_cols)
+    return _oriented(rows, cols, dr)
+
+
+def _oriented(rows: torch.Tensor, cols: torch.Tensor, dr: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 2-D piece's sums of g^2 along dim 1 (``rows``) and dim 0 (``cols``) as row_col returns them: (sum over
+    dr, sum over dc), keepdim."""
     rows, cols = rows.view(-1, 1), cols.view(1, -1)
     return (cols, rows) if dr == 0 else (rows, cols)
 
@@ -596,11 +602,7 @@ def statistics(b: Bucket) -> list[torch.Tensor]:
         for i, r in zip(idx, k([b.grads[i] for i in idx], factored)):
             sums[i] = r
 
-    def row_col(b: Bucket, i: int, dr: int, dc: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rows, cols = sums[i][0].view(-1, 1), sums[i][1].view(1, -1)
-        return (cols, rows) if dr == 0 else (rows, cols)
-
-    return kernels.statistics(b, row_col=row_col, prodigy_sample=_prodigy_sample,
+    return kernels.statistics(b, row_col=lambda b, i, dr, dc: _oriented(*sums[i], dr), prodigy_sample=_prodigy_sample,
                               sq_norms=lambda b: [t[0] for t in sums])
 
 
@@ -671,9 +673,9 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
     if _on_gpu(b):
         _update_lists(b, V, s, gs, factors, ms, vs, scales, flat)
         return
-    native_sr = V.storage == "sr" and b.params[0].device.type == "cpu" and native.available()
-    native_update = V.storage == "fp32" and not V.full and V.schedulefree and not V.atan2 \
-        and b.params[0].device.type == "cpu"
+    # on a CPU from here
+    native_sr = V.storage == "sr" and native.available()
+    native_update = V.storage == "fp32" and not V.full and V.schedulefree and not V.atan2
     if native_sr:  # the kernel writes fp32 results into a buffer in cache, native.stochastic_round_ stores them
         V = V._replace(storage="sr_out")
     upd = _kernel("prodigy_update", _update_pass, tuple(V) + (V.stable,))
@@ -738,8 +740,8 @@ def _native_update(b: Bucket, i: int, g, y, z, a, c, s, scale, V: Variant) -> bo
     p0 = st.get("p0")
     out = None
     if p0 is not None:  # (the last step's buffer is free again: this step's statistics have read it)
-        entry = _z_samples.get(id(z))
-        out = entry[4] if entry is not None and entry[0]() is z and entry[4].numel() == p0.numel() else \
+        entry = _samples_entry(z)
+        out = entry.values if entry is not None and entry.values.numel() == p0.numel() else \
             torch.empty(p0.numel(), dtype=torch.float32)
     if not native.update_sf_factored(g, y, z, a, c, s, scale, V.decay,
                                      (layout.slice_start, out) if out is not None else None):
@@ -749,8 +751,24 @@ def _native_update(b: Bucket, i: int, g, y, z, a, c, s, scale, V: Variant) -> bo
     return True
 
 
-#: id(z) -> (weak reference to z, z's version counter, its data pointer, the sample start, z's sampled values)
-_z_samples: dict[int, tuple] = {}
+class _Samples(NamedTuple):
+    """z's sampled values as the native update left them, and what must still hold for them to be z's."""
+
+    ref: weakref.ref  # to z
+    version: int  # z's version counter then
+    ptr: int  # z's data pointer then
+    start: int  # the sample start
+    values: torch.Tensor
+
+
+#: id(z) -> _Samples
+_z_samples: dict[int, _Samples] = {}
+
+
+def _samples_entry(z: torch.Tensor) -> _Samples | None:
+    """The entry remembered for this very tensor z (not for an earlier tensor with the same id), if any."""
+    entry = _z_samples.get(id(z))
+    return entry if entry is not None and entry.ref() is z else None
 
 
 def _remember_samples(z: torch.Tensor, start: int, values: torch.Tensor) -> None:
@@ -760,20 +778,19 @@ def _remember_samples(z: torch.Tensor, start: int, values: torch.Tensor) -> None
         return
     key = id(z)
     ref = weakref.ref(z, lambda _, key=key: _z_samples.pop(key, None))
-    _z_samples[key] = (ref, version, z.data_ptr(), start, values)
+    _z_samples[key] = _Samples(ref, version, z.data_ptr(), start, values)
 
 
 def _recalled_samples(z: torch.Tensor, start: int) -> torch.Tensor | None:
     """z's sampled values as the native update left them, if z has not been written since (else None)."""
-    entry = _z_samples.get(id(z))
+    entry = _samples_entry(z)
     if entry is None:
         return None
-    ref, version, ptr, first, values = entry
     try:
-        same = ref() is z and z._version == version and z.data_ptr() == ptr and first == start
+        same = z._version == entry.version and z.data_ptr() == entry.ptr and entry.start == start
     except RuntimeError:
         same = False
-    return values if same else None
+    return entry.values if same else None
 
 
 def _rms(rms_k: _Kernel, g, a, c, m, v, s, V: Variant, d_eps: tuple[float, float]) -> torch.Tensor:

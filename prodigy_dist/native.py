@@ -28,10 +28,11 @@ Row sums accumulate in fp32 per row and column sums in fp32 per thread, with exp
 core that pass was bound by its arithmetic: wte of GPT-2 124M, 1 thread, 7.7 -> 6.3 ms; g.sum() 4.4 ms); the
 Prodigy sums in fp32 per block of rows and in double across blocks and threads; the RMS sum in fp32 per row and in
 double across rows. Elsewhere the elementwise roundings are those of the compiled kernels (``-ffp-contract=off``:
-no implicit fused multiply-adds), so the new ``s`` is bit-identical to the compiled kernel's. The kernels are built with ``torch.utils.cpp_extension`` on first
-use, with the vector instructions of the CPU capability torch reports (a C++ compiler and ninja are needed; tens of
-seconds, cached by torch in ``~/.cache/torch_extensions``). If the build fails, that is logged once and the
-compiled path uses its own kernels; ``PRODIGY_DIST_NATIVE=0`` in the environment keeps them off.
+no implicit fused multiply-adds), so the new ``s`` is bit-identical to the compiled kernel's. The kernels are
+built with ``torch.utils.cpp_extension`` on first use, with the vector instructions of the CPU capability torch
+reports (a C++ compiler and ninja are needed; tens of seconds, cached by torch in ``~/.cache/torch_extensions``).
+If the build fails, that is logged once and the compiled path uses its own kernels; ``PRODIGY_DIST_NATIVE=0`` in
+the environment keeps them off.
 """
 
 from __future__ import annotations
@@ -106,6 +107,15 @@ static inline float round_bf16(float x) {  // round to nearest even, as c10::BFl
   return f;
 }
 static inline uint16_t bf16_bits(float rounded) { uint32_t b; std::memcpy(&b, &rounded, 4); return uint16_t(b >> 16); }
+
+// The Prodigy samples of a tensor sit at flat indices start + 11 n: the first one at or after flat index `first`,
+// and how many a tensor of `numel` elements holds.
+static inline int64_t first_sample(int64_t first, int64_t start) {
+  return first <= start ? start : start + ((first - start + 10) / 11) * 11;
+}
+static inline int64_t sample_count(int64_t numel, int64_t start) {
+  return numel > start ? (numel - start + 10) / 11 : 0;
+}
 
 struct Sample {  // what the Prodigy statistics of one tensor need (samples at flat index start + 11 n)
   int64_t start;
@@ -193,7 +203,7 @@ static inline void row_samples(const T* __restrict row, const T* __restrict xrow
                                const Sample& S, double* __restrict acc) {
   constexpr bool low = sizeof(T) == 2;  // bf16 parameters: the differences are bf16 too
   constexpr int64_t xs = C ? 1 : 11;  // stride of x's samples
-  const int64_t k0 = first <= S.start ? S.start : S.start + ((first - S.start + 10) / 11) * 11;
+  const int64_t k0 = first_sample(first, S.start);
   if (k0 >= first + span) return;
   const int64_t n0 = (k0 - S.start) / 11, count = (first + span - k0 + 10) / 11;
   const T* __restrict gk = row + (k0 - first);
@@ -282,7 +292,7 @@ std::vector<torch::Tensor> statistics(torch::Tensor g, int64_t start, c10::optio
   auto partial = torch::zeros({threads, cols}, f32);
   auto sums = torch::zeros({threads, 3}, g.options().dtype(torch::kDouble));
   const int64_t numel = rows * cols;
-  const int64_t n_samples = start < 0 ? 0 : (numel > start ? (numel - start + 10) / 11 : 0);
+  const int64_t n_samples = start < 0 ? 0 : sample_count(numel, start);
   auto s_new = torch::empty({start >= 0 && s.has_value() ? n_samples : 0}, g.options().dtype(torch::kBFloat16));
   Sample S{};
   if (start >= 0) {
@@ -394,8 +404,7 @@ static void update_rows(const float* g, float* y, float* z, const float* a, cons
       update_row<STABLE, DECAY>(g + i * cols, y + i * cols, z + i * cols, c, cols, a[i], k, scale);
       if (zs == nullptr) continue;
       const int64_t first = i * cols;  // z's new sampled values of this row (in cache)
-      int64_t q = first <= start ? start : start + ((first - start + 10) / 11) * 11;
-      for (; q < first + cols; q += 11) zs[(q - start) / 11] = z[q];
+      for (int64_t q = first_sample(first, start); q < first + cols; q += 11) zs[(q - start) / 11] = z[q];
     }
   });
 }
@@ -417,7 +426,7 @@ void update_sf_factored(torch::Tensor g, torch::Tensor y, torch::Tensor z, torch
   const int64_t rows = g.size(0), cols = g.size(1), numel = rows * cols;
   float* zs_ptr = nullptr;
   if (start >= 0) {
-    TORCH_CHECK(zs.has_value() && ok(*zs) && zs->numel() == (numel > start ? (numel - start + 10) / 11 : 0),
+    TORCH_CHECK(zs.has_value() && ok(*zs) && zs->numel() == sample_count(numel, start),
                 "zs: contiguous fp32, one value per sample");
     zs_ptr = zs->data_ptr<float>();
   }
@@ -520,8 +529,8 @@ def _applies(g: torch.Tensor) -> bool:
 def statistics(g: torch.Tensor, sample: tuple | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
     """One pass over ``g`` (a contiguous 2-D fp32/bf16 CPU tensor): the sums of g^2 along dim 1 and along dim 0
-    (fp32), and with ``sample = (start, x, p0, s, beta3, delta[, compact])`` the Prodigy statistics of the elements at flat
-    index start + 11 n: ``sums`` = fp32 [dot(g, p0 - x), sum |s_new|, 0] where s_new = beta3 s + delta g (bf16,
+    (fp32), and with ``sample = (start, x, p0, s, beta3, delta[, compact])`` the Prodigy statistics of the elements
+    at flat index start + 11 n: ``sums`` = fp32 [dot(g, p0 - x), sum |s_new|, 0] where s_new = beta3 s + delta g (bf16,
     returned), or with ``s=None`` (SPEED) [dot, sum |p0 - x|, sum (p0 - x)^2]. ``x`` (z or the parameter) has g's
     shape and dtype, ``p0`` and ``s`` are contiguous bf16 vectors of the sample count. The roundings are those of
     prodigy_dist.compiled._sample_pass, except that the dot of bf16 parameters is left in fp32 (round it).

@@ -20,6 +20,8 @@ from .test_reduction import CountingReducer
 # (rows, cols): factored along dim 0 and along dim 1, a row count that is not a multiple of the block; a 1-D tensor
 # (full second moment).
 SHAPES = [(96, 64), (64, 200), (70, 64), (4200,)]
+# another model: other shapes in the same size ranges, and as many tensors of each kind (a GPU's list calls)
+OTHER_SHAPES = [(128, 80), (72, 300), (66, 64), (5000,)]
 
 VARIANTS = {
     "default": {},
@@ -125,7 +127,7 @@ def test_gpu_formulation_equals_eager_on_a_cpu(monkeypatch, dtype):
     names = [k.name for k in compiled._kernels.values()]
     assert any(n.startswith("prodigy_update_list") and n.endswith("_3") for n in names)  # the 3 matrices: one call
     graphs = counters["stats"]["unique_graphs"]
-    others = [torch.nn.Parameter((torch.randn(s) * 0.1).to(dtype)) for s in [(128, 80), (72, 300), (66, 64), (5000,)]]
+    others = [torch.nn.Parameter((torch.randn(s) * 0.1).to(dtype)) for s in OTHER_SHAPES]
     opt = ProdigyPlusScheduleFree(others, fast_path="compiled", d0=1e-3)
     for p in others:
         p.grad = torch.randn_like(p) * 0.01
@@ -209,10 +211,8 @@ def test_no_recompilation_when_d_and_step_change(device):
         opt.step()
     assert len(ds) == 4 and opt.param_groups[0]["k"] == 6
     assert counters["stats"]["unique_graphs"] == graphs
-    # a model with other shapes (same size ranges, and on a GPU the same number of tensors per list call) reuses the
-    # same graphs too
-    others = [torch.nn.Parameter(torch.randn(s, device=device) * 0.1)
-              for s in [(128, 80), (72, 300), (66, 64), (5000,)]]
+    # a model with other shapes reuses the same graphs too
+    others = [torch.nn.Parameter(torch.randn(s, device=device) * 0.1) for s in OTHER_SHAPES]
     opt2 = ProdigyPlusScheduleFree(others, fast_path="compiled", d0=1e-3)
     for p in others:
         p.grad = torch.randn_like(p) * 0.01
