@@ -75,8 +75,9 @@ def bytes_per_param(options: dict, dtype: str, native_kernels: bool) -> tuple[in
     sf = options.get("use_schedulefree", True)
     full = not options.get("factored", True)
     stable = options.get("eps", 1e-8) is not None
-    if native_kernels and dtype == "fp32" and sf and not full and stable:
-        # one native pass over g; z's samples come compact from the native update of the step before
+    if native_kernels and dtype == "fp32" and sf and not full:
+        # one native pass over g; z's samples come compact from the native update of the step before (eps a
+        # number or None)
         read = e
     elif native_kernels:  # phase A, one native pass: g, and the strided walk over z (or y) touches every line
         read = 2 * e

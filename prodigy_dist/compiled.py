@@ -675,7 +675,7 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
         return
     # on a CPU from here
     native_sr = V.storage == "sr" and native.available()
-    native_update = V.storage == "fp32" and not V.full and V.schedulefree and not V.atan2
+    native_update = V.storage == "fp32" and not V.full and V.schedulefree
     if native_sr:  # the kernel writes fp32 results into a buffer in cache, native.stochastic_round_ stores them
         V = V._replace(storage="sr_out")
     upd = _kernel("prodigy_update", _update_pass, tuple(V) + (V.stable,))
@@ -744,7 +744,7 @@ def _native_update(b: Bucket, i: int, g, y, z, a, c, s, scale, V: Variant) -> bo
         out = entry.values if entry is not None and entry.values.numel() == p0.numel() else \
             torch.empty(p0.numel(), dtype=torch.float32)
     if not native.update_sf_factored(g, y, z, a, c, s, scale, V.decay,
-                                     (layout.slice_start, out) if out is not None else None):
+                                     (layout.slice_start, out) if out is not None else None, atan2=V.atan2):
         return False
     if out is not None:
         _remember_samples(z, layout.slice_start, out)

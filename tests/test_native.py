@@ -1,5 +1,7 @@
 """The native CPU kernels (prodigy_dist.native) against torch, and their use by the compiled path."""
 
+import math
+
 import pytest
 import torch
 
@@ -182,3 +184,42 @@ def test_the_environment_switch_keeps_the_kernels_off(monkeypatch):
     monkeypatch.setenv(native.ENV_SWITCH, "0")
     assert not native.available() and native.statistics(torch.ones(4, 4)) is None
     assert native.rms_factored(torch.ones(4, 4), torch.ones(4), torch.ones(4), 1.0, 0.0) is None
+
+
+def test_atan2_is_within_two_ulp_with_the_special_values_of_torch():
+    gen = torch.Generator().manual_seed(0)
+    n = 1 << 20
+    y = torch.randn(n, generator=gen) * torch.exp(torch.randn(n, generator=gen) * 8)
+    x = torch.randn(n, generator=gen) * torch.exp(torch.randn(n, generator=gen) * 8)
+    x[:1000] = y[:1000]  # |y| = |x| (pi/4 exactly representable as the nearest fp32)
+    x[1000:2000] = -y[1000:2000]
+    got = native.atan2(y, x).double()
+    exact = torch.atan2(y.double(), x.double())
+    ulp = (exact.float().abs().view(torch.int32) + 1).view(torch.float32).double() - exact.float().abs().double()
+    assert ((got - exact).abs() / ulp).max().item() <= 2.0
+    special = [0.0, -0.0, 1.0, -1.0, math.inf, -math.inf, math.nan, 1e-45, -3e38]
+    ys = torch.tensor([a for a in special for _ in special])
+    xs = torch.tensor([b for _ in special for b in special])
+    got, want = native.atan2(ys, xs), torch.atan2(ys, xs)
+    for value, expected, a, b in zip(got.tolist(), want.tolist(), ys.tolist(), xs.tolist()):
+        if math.isnan(expected) or math.isinf(a) or math.isinf(b) or a == 0 or b == 0:  # exact there
+            assert (math.isnan(value) and math.isnan(expected)) or (
+                value == expected and math.copysign(1, value) == math.copysign(1, expected)), (a, b, value)
+        else:
+            assert value == pytest.approx(expected, rel=3e-7), (a, b)
+    with pytest.raises(ValueError, match="one shape"):
+        native.atan2(torch.ones(3), torch.ones(4))
+
+
+def test_adam_atan2_takes_the_native_update(monkeypatch):
+    from prodigy_dist import ProdigyPlusScheduleFree
+
+    calls = []
+    original = native.update_sf_factored
+    monkeypatch.setattr(native, "update_sf_factored", lambda *a, **k: calls.append(k.get("atan2")) or original(*a, **k))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(300, 200)
+    opt = ProdigyPlusScheduleFree(model.parameters(), fast_path="compiled", eps=None)
+    model(torch.randn(8, 300)).square().mean().backward()
+    opt.step()
+    assert calls == [True]  # the weight matrix (the bias is unfactored)
