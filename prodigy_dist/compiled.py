@@ -674,8 +674,9 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
         _update_lists(b, V, s, gs, factors, ms, vs, scales, flat)
         return
     # on a CPU from here
-    native_sr = V.storage == "sr" and native.available()
-    native_update = V.storage == "fp32" and not V.full and V.schedulefree
+    stochastic = V.storage == "sr"
+    native_update = not V.full and V.schedulefree and V.storage in ("fp32", "sr", "rne")
+    native_sr = stochastic and native.available()
     if native_sr:  # the kernel writes fp32 results into a buffer in cache, native.stochastic_round_ stores them
         V = V._replace(storage="sr_out")
     upd = _kernel("prodigy_update", _update_pass, tuple(V) + (V.stable,))
@@ -684,10 +685,10 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
         z = flat(b.states[i]["z"]) if V.schedulefree else None
         # (detached: dynamo gives nn.Parameter inputs static shapes, which would recompile per shape)
         args = [gs[i], a, ms[i], vs[i], flat(b.params[i].detach()), z]
+        if native_update and _native_update(b, i, gs[i], args[4], z, a, c, s, scales[i], V, stochastic):
+            continue
         if V.storage not in ("sr", "sr_out"):
             g, a, m, v, y, z = args
-            if native_update and _native_update(b, i, g, y, z, a, c, s, scales[i], V):
-                continue
             upd(g, a, c, m, v, y, z, scales[i], s, None, None, V, V.stable)
             continue
         # Stochastic rounding reads the noise table from a start position that depends on the step: the tensor
@@ -733,18 +734,24 @@ def _update_lists(b: Bucket, V: Variant, s, gs, factors, ms, vs, scales, flat) -
           starts[idx] if starts is not None else None, V, V.stable)
 
 
-def _native_update(b: Bucket, i: int, g, y, z, a, c, s, scale, V: Variant) -> bool:
-    """The native update of a factored fp32 Schedule-Free piece (CPU), which also leaves z's new sampled values for
-    the next step's statistics pass (remembered with z's version counter: any other write to z voids them)."""
+def _native_update(b: Bucket, i: int, g, y, z, a, c, s, scale, V: Variant, stochastic: bool) -> bool:
+    """The native update of a factored Schedule-Free piece (CPU; fp32, or bf16 rounded stochastically or to
+    nearest), which also leaves z's new sampled values for the next step's statistics pass (remembered with z's
+    version counter: any other write to z voids them)."""
     st, layout = b.states[i], b.layouts[i]
     p0 = st.get("p0")
     out = None
     if p0 is not None:  # (the last step's buffer is free again: this step's statistics have read it)
         entry = _samples_entry(z)
-        out = entry.values if entry is not None and entry.values.numel() == p0.numel() else \
-            torch.empty(p0.numel(), dtype=torch.float32)
+        out = entry.values if entry is not None and entry.values.numel() == p0.numel() \
+            and entry.values.dtype == z.dtype else torch.empty(p0.numel(), dtype=z.dtype)
+    noise = None
+    if stochastic:
+        noise = (doubled_table(y.device, b.sr_seed),
+                 *(table_start(b.sc["k"], stream, layout.flat_offset) for stream in (0, 1)))
     if not native.update_sf_factored(g, y, z, a, c, s, scale, V.decay,
-                                     (layout.slice_start, out) if out is not None else None, atan2=V.atan2):
+                                     (layout.slice_start, out) if out is not None else None, atan2=V.atan2,
+                                     noise=noise):
         return False
     if out is not None:
         _remember_samples(z, layout.slice_start, out)

@@ -53,6 +53,7 @@ _SOURCE = r"""
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 // Element loads as fp32: bf16 is the upper half of an fp32 (a shift, which vectorises).
@@ -410,22 +411,38 @@ static inline float atan2_fast(float y, float x) {
   return x != x || y != y ? x + y : r;
 }
 
-// The fp32 Schedule-Free update of one row of a factored tensor, with the operations of the compiled update
-// (prodigy_dist.compiled._update_pass): u = (g d) / (a c_j + d eps) [/ scale] [+ lam y], or with ATAN2
+// The Schedule-Free update of one row of a factored tensor, with the operations of the compiled update
+// (prodigy_dist.compiled._update_pass), in fp32: u = (g d) / (a c_j + d eps) [/ scale] [+ lam y], or with ATAN2
 // (eps=None) u = 4/pi atan2(g d, a c_j); y <- lerp(y, z, w) - dlr xy u [- lam xy y], z <- z - dlr u [- lam y].
-// DECAY: 0 none, 1 by lr, 2 raw.
-template <bool STABLE, int DECAY, bool ATAN2>
-static inline void update_row(const float* __restrict g, float* __restrict y, float* __restrict z,
-                              const float* __restrict c, int64_t cols, float a, const float* __restrict k,
-                              float scale) {
+// DECAY: 0 none, 1 by lr, 2 raw. T: the element type of g, y and z (float, or bf16 bits); the results are stored
+// as T: STORE 0 fp32, 1 bf16 rounded to nearest even (as torch's conversion), 2 bf16 rounded stochastically with
+// the noise ny, nz (as prodigy_dist.rounding: the fp32 bits plus the noise, truncated).
+template <int STORE>
+static inline void store(float* p, float v, const int32_t*) { *p = v; }
+template <int STORE>
+static inline void store(uint16_t* p, float v, const int32_t* noise) {
+  if (STORE == 1) {
+    *p = bf16_bits(round_bf16(v));
+  } else {
+    uint32_t bits;
+    std::memcpy(&bits, &v, 4);
+    *p = uint16_t((bits + uint32_t(*noise)) >> 16);
+  }
+}
+
+template <typename T, int STORE, bool STABLE, int DECAY, bool ATAN2>
+static inline void update_row(const T* __restrict g, T* __restrict y, T* __restrict z, const float* __restrict c,
+                              int64_t cols, float a, const float* __restrict k, float scale,
+                              const int32_t* __restrict ny, const int32_t* __restrict nz) {
   const float d = k[0], eps = k[1], w = k[6], ndlr = k[7], ndlr_xy = k[8], lam = k[9], nlam = k[10],
               nlam_xy = k[11];
   const bool near = std::fabs(w) < 0.5f;  // torch.lerp's two forms
   #pragma omp simd
   for (int64_t j = 0; j < cols; ++j) {
-    float u = ATAN2 ? atan2_fast(g[j] * d, a * c[j]) * 1.2732395f : (g[j] * d) / (a * c[j] + eps);
+    const float gv = as_float(g[j]);
+    float u = ATAN2 ? atan2_fast(gv * d, a * c[j]) * 1.2732395f : (gv * d) / (a * c[j] + eps);
     if (STABLE) u = u / scale;
-    const float yv = y[j], zv = z[j];
+    const float yv = as_float(y[j]), zv = as_float(z[j]);
     if (DECAY == 1) u = u + yv * lam;
     const float diff = zv - yv;
     float yn = near ? yv + w * diff : zv - diff * (1.f - w);
@@ -435,67 +452,104 @@ static inline void update_row(const float* __restrict g, float* __restrict y, fl
       zn = zn + yv * nlam;
       yn = yn + yv * nlam_xy;
     }
-    z[j] = zn;
-    y[j] = yn;
+    store<STORE>(z + j, zn, nz + j);
+    store<STORE>(y + j, yn, ny + j);
   }
 }
 
-template <bool STABLE, int DECAY, bool ATAN2>
-static void update_rows(const float* g, float* y, float* z, const float* a, const float* c, int64_t rows,
-                        int64_t cols, const float* k, float scale, int64_t start, float* zs) {
+// The rows of a tensor; with zs, z's new sampled values too (start >= 0); with STORE 2 the noise of flat element
+// f of the y (z) stream is table[(start_y (start_z) + f) % table_size] (the table is stored twice in a row, so a
+// row's noise is one slice).
+template <typename T, int STORE, bool STABLE, int DECAY, bool ATAN2>
+static void update_rows(const T* g, T* y, T* z, const float* a, const float* c, int64_t rows, int64_t cols,
+                        const float* k, float scale, int64_t start, T* zs, const int32_t* table, int64_t table_size,
+                        int64_t start_y, int64_t start_z) {
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, cols)), [=](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      update_row<STABLE, DECAY, ATAN2>(g + i * cols, y + i * cols, z + i * cols, c, cols, a[i], k, scale);
+      const int64_t first = i * cols;
+      const int32_t* ny = STORE == 2 ? table + (start_y + first) % table_size : nullptr;
+      const int32_t* nz = STORE == 2 ? table + (start_z + first) % table_size : nullptr;
+      update_row<T, STORE, STABLE, DECAY, ATAN2>(g + first, y + first, z + first, c, cols, a[i], k, scale, ny, nz);
       if (zs == nullptr) continue;
-      const int64_t first = i * cols;  // z's new sampled values of this row (in cache)
-      for (int64_t q = first_sample(first, start); q < first + cols; q += 11) zs[(q - start) / 11] = z[q];
+      for (int64_t q = first_sample(first, start); q < first + cols; q += 11) zs[(q - start) / 11] = z[q];  // in cache
     }
   });
 }
 
-// In place on y and z (fp32, contiguous, 2-D): the update above; with start >= 0, also z's new values at flat
-// indices start + 11 n into zs (the next step's statistics read them there instead of walking z).
+template <typename F>
+static void with_bool(bool value, F f) {
+  if (value) f(std::true_type{}); else f(std::false_type{});
+}
+template <typename F>
+static void with_int3(int64_t value, F f) {  // value in {0, 1, 2}
+  if (value == 0) f(std::integral_constant<int, 0>{});
+  else if (value == 1) f(std::integral_constant<int, 1>{});
+  else f(std::integral_constant<int, 2>{});
+}
+
+// In place on y and z (contiguous, 2-D; g, y, z all fp32 or all bf16): the update above; with start >= 0, also
+// z's new values at flat indices start + 11 n into zs (the next step's statistics read them there instead of
+// walking z). bf16: with a table, stochastic rounding (start_y, start_z: the streams' table starts of flat element
+// 0); without, rounding to nearest even.
 void update_sf_factored(torch::Tensor g, torch::Tensor y, torch::Tensor z, torch::Tensor a, torch::Tensor c,
                         torch::Tensor k, c10::optional<torch::Tensor> scale, int64_t decay, bool atan2,
-                        int64_t start, c10::optional<torch::Tensor> zs) {
-  auto ok = [](const torch::Tensor& t) {
-    return t.scalar_type() == torch::kFloat && t.is_contiguous() && t.device().is_cpu();
+                        int64_t start, c10::optional<torch::Tensor> zs, c10::optional<torch::Tensor> table,
+                        int64_t start_y, int64_t start_z) {
+  const auto dtype = g.scalar_type();
+  auto ok = [](const torch::Tensor& t, torch::ScalarType type) {
+    return t.scalar_type() == type && t.is_contiguous() && t.device().is_cpu();
   };
-  TORCH_CHECK(g.dim() == 2 && ok(g) && ok(y) && ok(z) && y.sizes() == g.sizes() && z.sizes() == g.sizes(),
-              "g, y, z: contiguous fp32 CPU tensors of one 2-D shape");
-  TORCH_CHECK(ok(a) && ok(c) && ok(k) && a.numel() == g.size(0) && c.numel() == g.size(1) && k.numel() >= 12,
-              "a, c: fp32 factors of g's rows and columns; k: the step's scalars");
-  TORCH_CHECK(!scale.has_value() || (ok(*scale) && scale->numel() == 1), "scale: one fp32 value");
+  TORCH_CHECK((dtype == torch::kFloat || dtype == torch::kBFloat16) && g.dim() == 2 && ok(g, dtype) &&
+              ok(y, dtype) && ok(z, dtype) && y.sizes() == g.sizes() && z.sizes() == g.sizes(),
+              "g, y, z: contiguous fp32 or bf16 CPU tensors of one 2-D shape and dtype");
+  const auto f32 = torch::kFloat;
+  TORCH_CHECK(ok(a, f32) && ok(c, f32) && ok(k, f32) && a.numel() == g.size(0) && c.numel() == g.size(1) &&
+              k.numel() >= 12, "a, c: fp32 factors of g's rows and columns; k: the step's scalars");
+  TORCH_CHECK(!scale.has_value() || (ok(*scale, f32) && scale->numel() == 1), "scale: one fp32 value");
   TORCH_CHECK(decay >= 0 && decay <= 2, "decay: 0, 1 or 2");
   TORCH_CHECK(!(atan2 && scale.has_value()), "atan2 (eps=None) has no StableAdamW scale");
   const int64_t rows = g.size(0), cols = g.size(1), numel = rows * cols;
-  float* zs_ptr = nullptr;
+  const int32_t* table_ptr = nullptr;
+  int64_t table_size = 0;
+  if (table.has_value()) {
+    table_size = table->numel() / 2;
+    TORCH_CHECK(dtype == torch::kBFloat16 && ok(*table, torch::kInt) && cols <= table_size && start_y >= 0 &&
+                start_z >= 0 && start_y < table_size && start_z < table_size,
+                "table: the doubled int32 noise table (bf16 only, rows no longer than the table, starts in it)");
+    table_ptr = table->data_ptr<int32_t>();
+  }
+  void* zs_ptr = nullptr;
   if (start >= 0) {
-    TORCH_CHECK(zs.has_value() && ok(*zs) && zs->numel() == sample_count(numel, start),
-                "zs: contiguous fp32, one value per sample");
-    zs_ptr = zs->data_ptr<float>();
+    TORCH_CHECK(zs.has_value() && ok(*zs, dtype) && zs->numel() == sample_count(numel, start),
+                "zs: contiguous, g's dtype, one value per sample");
+    zs_ptr = zs->data_ptr();
   }
   const float sc = scale.has_value() ? scale->data_ptr<float>()[0] : 1.f;
-  const float* gp = g.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  float* zp = z.data_ptr<float>();
   const float* ap = a.data_ptr<float>();
   const float* cp = c.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
-  const bool stable = scale.has_value();
-#define PRODIGY_DIST_UPDATE(S, D, A) update_rows<S, D, A>(gp, yp, zp, ap, cp, rows, cols, kp, sc, start, zs_ptr)
-  if (atan2) {
-    if (decay == 0) PRODIGY_DIST_UPDATE(false, 0, true); else if (decay == 1) PRODIGY_DIST_UPDATE(false, 1, true);
-    else PRODIGY_DIST_UPDATE(false, 2, true);
-  } else if (stable) {
-    if (decay == 0) PRODIGY_DIST_UPDATE(true, 0, false); else if (decay == 1) PRODIGY_DIST_UPDATE(true, 1, false);
-    else PRODIGY_DIST_UPDATE(true, 2, false);
-  } else {
-    if (decay == 0) PRODIGY_DIST_UPDATE(false, 0, false);
-    else if (decay == 1) PRODIGY_DIST_UPDATE(false, 1, false);
-    else PRODIGY_DIST_UPDATE(false, 2, false);
-  }
-#undef PRODIGY_DIST_UPDATE
+  auto run = [&](auto element, auto store_mode) {
+    using T = std::decay_t<decltype(element)>;
+    constexpr int STORE = std::decay_t<decltype(store_mode)>::value;
+    with_bool(scale.has_value(), [&](auto stable) {
+      constexpr bool S = std::decay_t<decltype(stable)>::value;
+      with_int3(decay, [&](auto d) {
+        constexpr int D = std::decay_t<decltype(d)>::value;
+        with_bool(atan2, [&](auto use_atan2) {
+          constexpr bool A = std::decay_t<decltype(use_atan2)>::value;
+          if constexpr (!(S && A)) {
+            update_rows<T, STORE, S, D, A>(
+                static_cast<const T*>(g.data_ptr()), static_cast<T*>(y.data_ptr()), static_cast<T*>(z.data_ptr()),
+                ap, cp, rows, cols, kp, sc, start, static_cast<T*>(zs_ptr), table_ptr, table_size, start_y,
+                start_z);
+          }
+        });
+      });
+    });
+  };
+  if (dtype == torch::kFloat) run(float{}, std::integral_constant<int, 0>{});
+  else if (table_ptr != nullptr) run(uint16_t{}, std::integral_constant<int, 2>{});
+  else run(uint16_t{}, std::integral_constant<int, 1>{});
 }
 
 // out <- atan2_fast(y, x) (fp32, contiguous, one size): the update's atan2, for its tests.
@@ -564,7 +618,7 @@ def _load():
                 flags = _ISA_FLAGS.get(isa, [])
                 logger.info("loading the native CPU kernels (%s); the first use on a machine builds them, ~20 s",
                             isa)
-                _module = load_inline(name=f"prodigy_dist_native_v12_{isa.lower() if flags else 'base'}",
+                _module = load_inline(name=f"prodigy_dist_native_v13_{isa.lower() if flags else 'base'}",
                                       cpp_sources=[_SOURCE],
                                       functions=["statistics", "rms_factored", "stochastic_round_",
                                                  "update_sf_factored", "atan2_fast_"],
@@ -650,22 +704,34 @@ def stochastic_round_(target: torch.Tensor, source: torch.Tensor, noise: torch.T
 
 def update_sf_factored(g: torch.Tensor, y: torch.Tensor, z: torch.Tensor, a: torch.Tensor, c: torch.Tensor,
                        scalars: torch.Tensor, scale: torch.Tensor | None, decay: str,
-                       samples: tuple[int, torch.Tensor] | None, atan2: bool = False) -> bool:
-    """The fp32 Schedule-Free update of a factored 2-D tensor in one pass, in place on ``y`` (the parameter) and
-    ``z``: prodigy_dist.compiled._update_pass (``a``, ``c``: the square roots of the factors per row and per
-    column; ``scalars``: compiled._scalars; ``scale``: StableAdamW's divisor or None; ``decay``: "none", "by_lr" or
-    "raw"; ``atan2``: Adam-atan2, eps=None, with :func:`atan2`'s arctangent). With ``samples = (start, out)``, z's
-    new values at flat indices start + 11 n are written to ``out`` (fp32, one per sample) for the next step's
-    statistics. False (nothing written) when it does not apply or the kernels could not be built."""
-    tensors = (g, y, z, a, c, scalars) + ((scale,) if scale is not None else ())
-    if g.dim() != 2 or decay not in _DECAYS or (atan2 and scale is not None) or any(
-            t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+                       samples: tuple[int, torch.Tensor] | None, atan2: bool = False,
+                       noise: tuple[torch.Tensor, int, int] | None = None) -> bool:
+    """The Schedule-Free update of a factored 2-D tensor in one pass, in place on ``y`` (the parameter) and ``z``
+    (``g``, ``y``, ``z`` all fp32 or all bf16): prodigy_dist.compiled._update_pass in fp32 (``a``, ``c``: the
+    square roots of the factors per row and per column; ``scalars``: compiled._scalars; ``scale``: StableAdamW's
+    divisor or None; ``decay``: "none", "by_lr" or "raw"; ``atan2``: Adam-atan2, eps=None, with :func:`atan2`'s
+    arctangent). bf16 results are rounded to nearest even, or with ``noise = (table, start_y, start_z)``
+    stochastically as prodigy_dist.rounding does (``table``: rounding.doubled_table; the starts: rounding.table_start
+    of the y and z streams at the piece's flat offset). With ``samples = (start, out)``, z's new values at flat
+    indices start + 11 n are written to ``out`` (g's dtype, one per sample) for the next step's statistics. False
+    (nothing written) when it does not apply or the kernels could not be built."""
+    dtype = g.dtype
+    factors = (a, c, scalars) + ((scale,) if scale is not None else ())
+    if g.dim() != 2 or decay not in _DECAYS or (atan2 and scale is not None) or dtype not in (torch.float32,
+                                                                                             torch.bfloat16) \
+            or any(t.device.type != "cpu" or not t.is_contiguous() for t in (g, y, z) + factors) \
+            or any(t.dtype != dtype for t in (y, z)) or any(t.dtype != torch.float32 for t in factors):
+        return False
+    table, start_y, start_z = noise if noise is not None else (None, 0, 0)
+    if table is not None and (dtype != torch.bfloat16 or table.dtype != torch.int32 or table.device.type != "cpu"
+                              or not table.is_contiguous() or g.shape[1] > table.numel() // 2):
         return False
     module = _load()
     if module is None:
         return False
     start, out = samples if samples is not None else (-1, None)
-    module.update_sf_factored(g, y, z, a, c, scalars, scale, _DECAYS[decay], atan2, start, out)
+    module.update_sf_factored(g, y, z, a, c, scalars, scale, _DECAYS[decay], atan2, start, out, table, start_y,
+                              start_z)
     return True
 
 

@@ -30,6 +30,7 @@ VARIANTS = {
     "weight_decay_raw": dict(weight_decay=0.01, weight_decay_by_lr=False),
     "prodigy_mode": dict(use_schedulefree=False, weight_decay=0.1),
     "unfactored": dict(factored=False),
+    "round_to_nearest": dict(stochastic_rounding=False),  # (bf16 storage; fp32 as default)
 }
 
 
@@ -135,9 +136,10 @@ def test_gpu_formulation_equals_eager_on_a_cpu(monkeypatch, dtype):
     assert counters["stats"]["unique_graphs"] == graphs
 
 
-def test_native_update_leaves_z_samples_for_the_next_statistics(monkeypatch):
-    """On a CPU, the native update of factored fp32 tensors keeps z's new sampled values, and the next statistics
-    pass reads them instead of walking z: bitwise the same steps as walking z; any other write to z voids them."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_native_update_leaves_z_samples_for_the_next_statistics(monkeypatch, dtype):
+    """On a CPU, the native update of factored tensors keeps z's new sampled values, and the next statistics pass
+    reads them instead of walking z: bitwise the same steps as walking z; any other write to z voids them."""
     from prodigy_dist import native
     if not native.available():
         pytest.skip("the native CPU kernels could not be built here")
@@ -150,10 +152,11 @@ def test_native_update_leaves_z_samples_for_the_next_statistics(monkeypatch):
         return values
 
     monkeypatch.setattr(compiled, "_recalled_samples", counting)
-    pa, oa = run("compiled", {}, torch.float32, steps=5)
+    pa, oa = run("compiled", {}, dtype, steps=5)
     assert sum(found) == 3 * 4  # the 3 matrices, in every step after the first
+    assert oa.state[pa[0]]["z"].dtype == dtype
     monkeypatch.setattr(compiled, "_recalled_samples", lambda z, start: None)
-    pb, ob = run("compiled", {}, torch.float32, steps=5)
+    pb, ob = run("compiled", {}, dtype, steps=5)
     for a, b in zip(pa, pb):
         assert torch.equal(a, b)
         for key, value in oa.state[a].items():
