@@ -18,17 +18,18 @@ Passes over memory per parameter of a 2-D tensor (fp32; bf16 halves every figure
   the strided slices of g and z (8 + 8 B/param);
 * phase B, StableAdamW on (``eps`` a number): one read of g for the RMS of the update (recomputed, never stored;
   native on a CPU for factored Schedule-Free tensors), yield, then one fused pass that reads g, y and z and writes
-  y and z (4 + 20 B/param). On a CPU, fp32 factored Schedule-Free tensors with ``eps`` a number take a native
-  update pass (:func:`native.update_sf_factored`), which also copies z's new values at the sampled positions
-  into a compact fp32 vector (1/11 of z, from cache) for the next step's statistics: kept out of the state,
-  remembered with z's version counter, so that any other write to z (a loaded checkpoint) makes the next step
-  walk z again. It costs 4/11 B/param of memory and saves the 4 B/param walk. Prodigy mode writes the first
-  moment in the RMS pass and reads it in the update pass; ``factored=False`` does the same with the full second
-  moment; ``eps=None`` (Adam-atan2) has no RMS pass.
-  bf16 storage with stochastic rounding on a CPU: the update pass writes each chunk's fp32 results (at most
-  TABLE_SIZE elements of y and z: 8 MB, reused) into a buffer that stays in cache, and a native kernel rounds them
-  into the bf16 storage with the noise table (inductor's CPU code turns the bit casts of the rounding into scalar
-  loops, which made that pass five times slower than rounding to nearest). Elsewhere the compiled pass rounds.
+  y and z (4 + 20 B/param). On a CPU, factored Schedule-Free tensors (fp32, or bf16 with either rounding; ``eps``
+  a number or None) take a native update pass (:func:`native.update_sf_factored`), which also copies z's new
+  values at the sampled positions into a compact vector (1/11 of z, from cache) for the next step's statistics:
+  kept out of the state, remembered with z's version counter, so that any other write to z (a loaded checkpoint)
+  makes the next step walk z again. It costs 4/11 B/param of memory (2/11 in bf16) and saves the walk over z.
+  Prodigy mode writes the first moment in the RMS pass and reads it in the update pass; ``factored=False`` does
+  the same with the full second moment; ``eps=None`` (Adam-atan2) has no RMS pass.
+  Other bf16 storage with stochastic rounding on a CPU (unfactored, Prodigy mode): the update pass writes each
+  chunk's fp32 results (at most TABLE_SIZE elements of y and z: 8 MB, reused) into a buffer that stays in cache,
+  and a native kernel rounds them into the bf16 storage with the noise table (inductor's CPU code turns the bit
+  casts of the rounding into scalar loops, which made that pass five times slower than rounding to nearest).
+  Elsewhere the compiled pass rounds.
 
 Default options: 28 B/param on a CPU, 20 of them read (40 with inductor's statistics; fused AdamW: 28, 16 read).
 No parameter-sized temporary is allocated: the largest buffers are the per-thread column sums and the new Prodigy
