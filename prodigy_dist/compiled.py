@@ -264,7 +264,8 @@ def merge(buckets: list[Bucket]) -> list[Bucket]:
         m = merged.get(key)
         if m is None:
             m = merged[key] = Bucket(group=b.group, sc=b.sc, kind=b.kind, muon=b.muon, params=[], grads=[],
-                                     states=[], layouts=[], dims=[], sr_seed=b.sr_seed, impl=b.impl)
+                                     states=[], layouts=[], dims=[], sr_seed=b.sr_seed, impl=b.impl,
+                                     alone=b.alone)
             out.append(m)
         m.params += b.params
         m.grads += b.grads
@@ -652,7 +653,13 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
     vs = [flat(st["exp_avg_sq"]) if V.full else None for st in b.states]
     gs = [flat(g) for g in b.grads]
     scales: list[torch.Tensor | None] = [None] * n
-    if V.stable:
+    # On one process on a CPU, each tensor's RMS pass runs right before its update pass, which then reads g from
+    # the cache (a tensor of a few MB) instead of memory; elsewhere all RMS sums first, for one reduction.
+    rms_each = V.stable and b.alone and not _on_gpu(b)
+    if rms_each:
+        rms_k = _kernel("prodigy_rms", _rms_pass, key)
+        d_eps = (sc["d"], sc["d"] * b.group["eps"])
+    elif V.stable:
         if _on_gpu(b):
             uu = torch.cat([_kernel("prodigy_rms_list", _rms_list, key + (len(idx),))(
                 [gs[i] for i in idx], [factors[i][0] for i in idx], [factors[i][1] for i in idx],
@@ -664,7 +671,7 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
                               for g, (a, c), m, v in zip(gs, factors, ms, vs)])
         yield [uu]
         numels = torch.tensor([lay.global_numel for lay in b.layouts], dtype=torch.float32, device=uu.device)
-        scales = list((uu / numels).sqrt().clamp_min(1.0).sqrt().unbind(0))
+        scales = list(_stable_scales(uu, numels).unbind(0))
 
     if not sc["prodigy_active"]:
         for st in b.states:
@@ -683,6 +690,9 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
     upd = _kernel("prodigy_update", _update_pass, tuple(V) + (V.stable,))
     for i in range(n):
         a, c = factors[i]
+        if rms_each:
+            scales[i] = _stable_scales(_rms(rms_k, gs[i], a, c, ms[i], vs[i], s, V, d_eps),
+                                       float(b.layouts[i].global_numel))
         z = flat(b.states[i]["z"]) if V.schedulefree else None
         # (detached: dynamo gives nn.Parameter inputs static shapes, which would recompile per shape)
         args = [gs[i], a, ms[i], vs[i], flat(b.params[i].detach()), z]
@@ -715,6 +725,11 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
                 if target is not None and not native.stochastic_round_(target, result, noise):
                     raise RuntimeError("internal error: the native stochastic rounding refused contiguous CPU "
                                        "chunks; please report this")
+
+
+def _stable_scales(uu: torch.Tensor, numels) -> torch.Tensor:
+    """StableAdamW's divisors from the sums of the squared update and the element counts: sqrt(max(RMS, 1))."""
+    return (uu / numels).sqrt().clamp_min(1.0).sqrt()
 
 
 def _update_lists(b: Bucket, V: Variant, s, gs, factors, ms, vs, scales, flat) -> None:

@@ -91,6 +91,7 @@ class Bucket:
     positions: list[int] = field(default_factory=list)  # order of each parameter in the optimizer
     sr_seed: int = 0
     scratch: ScratchPool | None = None  # only for a bucket of one tensor that runs start to finish alone
+    alone: bool = False  # on one process: nothing is summed across ranks, per-tensor sums are final at once
     impl: Any = None  # module with statistics()/update() for this bucket (prodigy_dist.compiled); None: this one
     pack: Pack | None = None  # set: the tensors are stepped as one flat tensor (prodigy_dist.packing)
     # packed: the flat state roles (Pack.adopt), and the flat gradient ("g") and parameters ("w", Prodigy mode)

@@ -399,7 +399,7 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
             if b is None:
                 b = keyed[key] = Bucket(group=group, sc=scalars[gi], kind=kind, muon=muon, params=[], grads=[],
                                         states=[], layouts=[], dims=[], sr_seed=self.sr_seed,
-                                        scratch=self._scratch if alone_large else None)
+                                        scratch=self._scratch if alone_large else None, alone=alone)
                 if numel is not None:
                     packed.append(key)
             b.params.append(local)
