@@ -691,8 +691,7 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
     for i in range(n):
         a, c = factors[i]
         if rms_each:
-            scales[i] = _stable_scales(_rms(rms_k, gs[i], a, c, ms[i], vs[i], s, V, d_eps),
-                                       float(b.layouts[i].global_numel))
+            scales[i] = _rms(rms_k, gs[i], a, c, ms[i], vs[i], s, V, d_eps, b.layouts[i].global_numel)
         z = flat(b.states[i]["z"]) if V.schedulefree else None
         # (detached: dynamo gives nn.Parameter inputs static shapes, which would recompile per shape)
         args = [gs[i], a, ms[i], vs[i], flat(b.params[i].detach()), z]
@@ -816,15 +815,18 @@ def _recalled_samples(z: torch.Tensor, start: int) -> torch.Tensor | None:
     return entry.values if same else None
 
 
-def _rms(rms_k: _Kernel, g, a, c, m, v, s, V: Variant, d_eps: tuple[float, float]) -> torch.Tensor:
-    """The StableAdamW sum of one tensor: the native pass for factored Schedule-Free tensors on a CPU (inductor's
-    reduction runs at half the bandwidth there), else the compiled kernel. ``d_eps``: d and d * eps (the values
-    of s[_D] and s[_EPS_TERM] before their rounding to fp32)."""
+def _rms(rms_k: _Kernel, g, a, c, m, v, s, V: Variant, d_eps: tuple[float, float],
+         numel: int = 0) -> torch.Tensor:
+    """The StableAdamW sum of one tensor, or with ``numel`` (its global element count) the divisor computed from
+    it: the native pass for factored Schedule-Free tensors on a CPU (inductor's reduction runs at half the
+    bandwidth there), else the compiled kernel. ``d_eps``: d and d * eps (the values of s[_D] and s[_EPS_TERM]
+    before their rounding to fp32)."""
     if not V.full and V.schedulefree and g.device.type == "cpu":
-        uu = native.rms_factored(g, a, c, *d_eps)
-        if uu is not None:
-            return uu
-    return rms_k(g, a, c, m, v, s, V)
+        out = native.rms_factored(g, a, c, *d_eps, numel=numel)
+        if out is not None:
+            return out
+    uu = rms_k(g, a, c, m, v, s, V)
+    return _stable_scales(uu, float(numel)) if numel else uu
 
 
 _sr_out: dict[torch.device, torch.Tensor] = {}

@@ -355,7 +355,10 @@ static double rms_rows(const T* g, const float* a, const float* c, int64_t rows,
   return total;
 }
 
-torch::Tensor rms_factored(torch::Tensor g, torch::Tensor a, torch::Tensor c, double d, double e) {
+// The sum of the squared update, or with numel > 0 StableAdamW's divisor sqrt(max(sqrt(sum / numel), 1)) (the fp32
+// operations of prodigy_dist.compiled._stable_scales, with torch's square root, which on a CPU is not always the
+// correctly rounded one).
+torch::Tensor rms_factored(torch::Tensor g, torch::Tensor a, torch::Tensor c, double d, double e, int64_t numel) {
   TORCH_CHECK(g.dim() == 2 && g.is_contiguous() && g.device().is_cpu(), "a contiguous 2-D CPU tensor");
   TORCH_CHECK(a.scalar_type() == torch::kFloat && c.scalar_type() == torch::kFloat && a.is_contiguous() &&
               c.is_contiguous() && a.numel() == g.size(0) && c.numel() == g.size(1), "fp32 factors of g's shape");
@@ -370,7 +373,10 @@ torch::Tensor rms_factored(torch::Tensor g, torch::Tensor a, torch::Tensor c, do
   } else {
     TORCH_CHECK(false, "float32 or bfloat16");
   }
-  return torch::tensor(static_cast<float>(total), g.options().dtype(torch::kFloat));
+  const float out = static_cast<float>(total);
+  if (numel <= 0) return torch::tensor(out, g.options().dtype(torch::kFloat));
+  return torch::tensor(out / static_cast<float>(numel), g.options().dtype(torch::kFloat)).sqrt_().clamp_min_(1.0)
+      .sqrt_();
 }
 
 static inline float fma_(float a, float b, float c) {
@@ -621,7 +627,7 @@ def _load():
                 flags = _ISA_FLAGS.get(isa, [])
                 logger.info("loading the native CPU kernels (%s); the first use on a machine builds them, ~20 s",
                             isa)
-                _module = load_inline(name=f"prodigy_dist_native_v13_{isa.lower() if flags else 'base'}",
+                _module = load_inline(name=f"prodigy_dist_native_v14_{isa.lower() if flags else 'base'}",
                                       cpp_sources=[_SOURCE],
                                       functions=["statistics", "rms_factored", "stochastic_round_",
                                                  "update_sf_factored", "atan2_fast_"],
@@ -677,17 +683,18 @@ def statistics(g: torch.Tensor, sample: tuple | None = None
     return rows, cols, sums, s_new if s is not None else None
 
 
-def rms_factored(g: torch.Tensor, a: torch.Tensor, c: torch.Tensor, d: float, eps_term: float
-                 ) -> torch.Tensor | None:
+def rms_factored(g: torch.Tensor, a: torch.Tensor, c: torch.Tensor, d: float, eps_term: float,
+                 numel: int = 0) -> torch.Tensor | None:
     """sum over i, j of (d g_ij / (a_i c_j + eps_term))^2 as a 0-dim fp32 tensor (one pass over ``g``; ``a`` and
-    ``c``: contiguous fp32 vectors of g's row and column counts); None when the kernel does not apply or could not
-    be built."""
+    ``c``: contiguous fp32 vectors of g's row and column counts), or with ``numel`` (the tensor's global element
+    count) StableAdamW's divisor computed from it, sqrt(max(sqrt(sum / numel), 1)); None when the kernel does not
+    apply or could not be built."""
     if not _applies(g) or a.dtype != torch.float32 or c.dtype != torch.float32:
         return None
     module = _load()
     if module is None:
         return None
-    return module.rms_factored(g, a.contiguous(), c.contiguous(), d, eps_term)
+    return module.rms_factored(g, a.contiguous(), c.contiguous(), d, eps_term, numel)
 
 
 def stochastic_round_(target: torch.Tensor, source: torch.Tensor, noise: torch.Tensor) -> bool:

@@ -125,6 +125,16 @@ def test_rms_factored_is_the_sum_of_the_squared_update(shape, dtype):
     s = torch.zeros(13)
     s[compiled._D], s[compiled._EPS_TERM] = d, eps_term
     torch.testing.assert_close(got, compiled._rms_pass(g, a, c, None, None, s, V), rtol=1e-5, atol=0)
+    # with the global element count: StableAdamW's divisor, the bits of the reduced path's (the sums of all
+    # tensors of a bucket divided at once)
+    numel = 3 * max(g.numel(), 1)
+    for big_d in (d, 1e4):  # an RMS below 1 (divisor 1) and above
+        total = native.rms_factored(g, a, c, big_d, eps_term)
+        divisor = native.rms_factored(g, a, c, big_d, eps_term, numel=numel)
+        sums = total.view(1).expand(3).contiguous()
+        assert torch.equal(divisor, compiled._stable_scales(sums, torch.full((3,), float(numel)))[0])
+        assert divisor.item() == pytest.approx(max((total.item() / numel) ** 0.5, 1.0) ** 0.5, rel=1e-6)
+    assert g.numel() == 0 or divisor.item() > 1.5
 
 
 def test_not_applicable_returns_none():
@@ -142,7 +152,8 @@ def test_compiled_path_uses_it(monkeypatch):
     original, original_rms = native.statistics, native.rms_factored
     monkeypatch.setattr(native, "statistics", lambda g, *a: calls.append((tuple(g.shape), a[0] is not None))
                         or original(g, *a))
-    monkeypatch.setattr(native, "rms_factored", lambda g, *a: rms_calls.append(tuple(g.shape)) or original_rms(g, *a))
+    monkeypatch.setattr(native, "rms_factored",
+                        lambda g, *a, **k: rms_calls.append(tuple(g.shape)) or original_rms(g, *a, **k))
     torch.manual_seed(0)
     model = torch.nn.Linear(300, 200)
     opt = ProdigyPlusScheduleFree(model.parameters(), fast_path="compiled")
