@@ -619,6 +619,14 @@ def _factors(b: Bucket) -> list[tuple[torch.Tensor, torch.Tensor]]:
     cs = [st["exp_avg_sq_col"] for st in b.states]
     shapes = [lay.global_shape for lay in b.layouts]
     alpha = (1 - beta2) * d * d
+    if not _on_gpu(b):  # the same operations in one native call (the multi-tensor calls cost more host time)
+        out = native.factors(rs, cs, b.row_parts, b.col_parts, [1.0 / s[dr] for s, (dr, _) in zip(shapes, b.dims)],
+                             [1.0 / s[dc] for s, (_, dc) in zip(shapes, b.dims)],
+                             [s[dc] for s, (_, dc) in zip(shapes, b.dims)], [dc for _, dc in b.dims],
+                             [b.r_sums[i][1:2] if i in b.r_sums else None for i in range(len(rs))], beta2, alpha)
+        if out is not None:
+            return [(out[2 * i + 1], out[2 * i]) if dr == 0 else (out[2 * i], out[2 * i + 1])
+                    for i, (dr, _) in enumerate(b.dims)]
     for moments, parts, dim in ((rs, b.row_parts, 0), (cs, b.col_parts, 1)):
         torch._foreach_mul_(parts, [1.0 / shape[dims[dim]] for shape, dims in zip(shapes, b.dims)])
         torch._foreach_mul_(moments, beta2)

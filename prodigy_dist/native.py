@@ -561,6 +561,44 @@ void update_sf_factored(torch::Tensor g, torch::Tensor y, torch::Tensor z, torch
   else run(uint16_t{}, std::integral_constant<int, 1>{});
 }
 
+// The factored second moments of a bucket's tensors, updated in place, and per tensor the square roots of the two
+// factors of the estimate (prodigy_dist.compiled._factors, whose multi-tensor calls cost more host time than the
+// arithmetic): moment <- beta2 moment + alpha (part * inv_count) for (r, row part, 1 / size along dr) and (c, column
+// part, 1 / size along dc); then sqrt(r / (sum r / n_dc + 1e-30)) and sqrt(c). The sum of r is `r_totals[i]` where
+// defined (the reduced sum of a piece sharded along dc). Torch computes the sums and the square roots, as there.
+std::vector<torch::Tensor> factors_(std::vector<torch::Tensor> rs, std::vector<torch::Tensor> cs,
+                                    std::vector<torch::Tensor> row_parts, std::vector<torch::Tensor> col_parts,
+                                    std::vector<double> inv_r, std::vector<double> inv_c, std::vector<int64_t> n_dc,
+                                    std::vector<int64_t> dcs, std::vector<c10::optional<torch::Tensor>> r_totals,
+                                    double beta2, double alpha) {
+  const size_t n = rs.size();
+  TORCH_CHECK(cs.size() == n && row_parts.size() == n && col_parts.size() == n && inv_r.size() == n &&
+              inv_c.size() == n && n_dc.size() == n && dcs.size() == n && r_totals.size() == n, "one entry per tensor");
+  const float b2 = float(beta2), al = float(alpha);
+  std::vector<torch::Tensor> out;
+  out.reserve(2 * n);
+  for (size_t i = 0; i < n; ++i) {
+    for (int k = 0; k < 2; ++k) {
+      torch::Tensor& m = k == 0 ? rs[i] : cs[i];
+      const torch::Tensor& part = k == 0 ? row_parts[i] : col_parts[i];
+      TORCH_CHECK(m.scalar_type() == torch::kFloat && part.scalar_type() == torch::kFloat && m.is_contiguous() &&
+                  part.is_contiguous() && m.numel() == part.numel() && m.device().is_cpu() && part.device().is_cpu(),
+                  "fp32 contiguous CPU moments and parts of one size");
+      float* __restrict mp = m.data_ptr<float>();
+      const float* __restrict pp = part.data_ptr<float>();
+      const float inv = float(k == 0 ? inv_r[i] : inv_c[i]);
+      const int64_t len = m.numel();
+      #pragma omp simd
+      for (int64_t j = 0; j < len; ++j) mp[j] = fma_(pp[j] * inv, al, mp[j] * b2);
+    }
+    torch::Tensor total = r_totals[i].has_value() ? *r_totals[i] : rs[i].sum(dcs[i], true);
+    torch::Tensor mean = total.div(double(n_dc[i])).add_(1e-30);
+    out.push_back(rs[i].div(mean).sqrt_().reshape(-1));
+    out.push_back(cs[i].sqrt().reshape(-1));
+  }
+  return out;
+}
+
 // out <- atan2_fast(y, x) (fp32, contiguous, one size): the update's atan2, for its tests.
 void atan2_fast_(torch::Tensor out, torch::Tensor y, torch::Tensor x) {
   auto ok = [&](const torch::Tensor& t) {
@@ -627,10 +665,10 @@ def _load():
                 flags = _ISA_FLAGS.get(isa, [])
                 logger.info("loading the native CPU kernels (%s); the first use on a machine builds them, ~20 s",
                             isa)
-                _module = load_inline(name=f"prodigy_dist_native_v14_{isa.lower() if flags else 'base'}",
+                _module = load_inline(name=f"prodigy_dist_native_v15_{isa.lower() if flags else 'base'}",
                                       cpp_sources=[_SOURCE],
                                       functions=["statistics", "rms_factored", "stochastic_round_",
-                                                 "update_sf_factored", "atan2_fast_"],
+                                                 "update_sf_factored", "atan2_fast_", "factors_"],
                                       extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"] + flags,
                                       extra_ldflags=["-fopenmp"],
                                       verbose=False)
@@ -743,6 +781,22 @@ def update_sf_factored(g: torch.Tensor, y: torch.Tensor, z: torch.Tensor, a: tor
     module.update_sf_factored(g, y, z, a, c, scalars, scale, _DECAYS[decay], atan2, start, out, table, start_y,
                               start_z)
     return True
+
+
+def factors(rs: list[torch.Tensor], cs: list[torch.Tensor], row_parts: list[torch.Tensor],
+            col_parts: list[torch.Tensor], inv_r: list[float], inv_c: list[float], n_dc: list[int], dcs: list[int],
+            r_totals: list[torch.Tensor | None], beta2: float, alpha: float) -> list[torch.Tensor] | None:
+    """The factored second moments ``rs``, ``cs`` of a bucket updated in place with this step's parts, and per
+    tensor [sqrt(r / mean r), sqrt(c)] flattened (prodigy_dist.compiled._factors's operations): r <- beta2 r +
+    alpha (row part * inv_r), likewise c; mean r = (``r_totals[i]``, or the sum of r over dim ``dcs[i]``) /
+    ``n_dc[i]`` + 1e-30. None (nothing written) when it does not apply or the kernels could not be built."""
+    tensors = rs + cs + row_parts + col_parts
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+        return None
+    module = _load()
+    if module is None:
+        return None
+    return module.factors_(rs, cs, row_parts, col_parts, inv_r, inv_c, n_dc, dcs, r_totals, beta2, alpha)
 
 
 def atan2(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
