@@ -136,6 +136,33 @@ def test_gpu_formulation_equals_eager_on_a_cpu(monkeypatch, dtype):
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+@pytest.mark.parametrize("options", [{}, dict(stochastic_rounding=False), dict(eps=None), dict(weight_decay=0.1)],
+                         ids=["default", "round_to_nearest", "eps=None", "weight_decay"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_native_update_equals_the_compiled_update(monkeypatch, dtype, options):
+    """The native update pass of factored Schedule-Free tensors (CPU) against the compiled pass it replaces: fp32
+    to a few ulps (eps=None: our arctangent, within 2 ulp of torch's), bf16 with the same rounding bits."""
+    from prodigy_dist import native
+    if not native.available():
+        pytest.skip("the native CPU kernels could not be built here")
+    calls = []
+    update = native.update_sf_factored
+    monkeypatch.setattr(native, "update_sf_factored", lambda *a, **k: calls.append(1) or update(*a, **k))
+    pa, oa = run("compiled", options, dtype, steps=6)
+    assert len(calls) == 3 * 6  # the 3 matrices, every step
+    monkeypatch.setattr(native, "update_sf_factored", lambda *a, **k: False)
+    pb, ob = run("compiled", options, dtype, steps=6)
+    for a, b in zip(pa, pb):
+        for x, y in ((a, b), (oa.state[a]["z"], ob.state[b]["z"])):
+            assert x.dtype == dtype
+            if dtype == torch.bfloat16:  # (a one-ulp fp32 difference may flip a rounding, rarely)
+                assert (x != y).float().mean().item() < 1e-3
+                assert ((x.float() - y.float()).abs() <= y.float().abs() * 2 ** -7).all()
+            else:
+                assert ((x - y).abs().max() / y.abs().max()).item() < 1e-6
+    assert oa.param_groups[0]["d"] == pytest.approx(ob.param_groups[0]["d"], rel=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_native_update_leaves_z_samples_for_the_next_statistics(monkeypatch, dtype):
     """On a CPU, the native update of factored tensors keeps z's new sampled values, and the next statistics pass
