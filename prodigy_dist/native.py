@@ -465,15 +465,15 @@ static inline float atan2_fast(float y, float x) {
 // as T: STORE 0 fp32, 1 bf16 rounded to nearest even (as torch's conversion), 2 bf16 rounded stochastically with
 // the noise ny, nz (as prodigy_dist.rounding: the fp32 bits plus the noise, truncated).
 template <int STORE>
-static inline void store(float* p, float v, const int32_t*) { *p = v; }
+static inline void store(float* p, float v, int32_t) { *p = v; }
 template <int STORE>
-static inline void store(uint16_t* p, float v, const int32_t* noise) {
+static inline void store(uint16_t* p, float v, int32_t noise) {
   if (STORE == 1) {
     *p = bf16_bits(round_bf16(v));
   } else {
     uint32_t bits;
     std::memcpy(&bits, &v, 4);
-    *p = uint16_t((bits + uint32_t(*noise)) >> 16);
+    *p = uint16_t((bits + uint32_t(noise)) >> 16);
   }
 }
 
@@ -499,8 +499,8 @@ static inline void update_row(const T* __restrict g, T* __restrict y, T* __restr
       zn = zn + yv * nlam;
       yn = yn + yv * nlam_xy;
     }
-    store<STORE>(z + j, zn, nz + j);
-    store<STORE>(y + j, yn, ny + j);
+    store<STORE>(z + j, zn, STORE == 2 ? nz[j] : 0);
+    store<STORE>(y + j, yn, STORE == 2 ? ny[j] : 0);
   }
 }
 
@@ -703,7 +703,7 @@ def _load():
                 flags = _ISA_FLAGS.get(isa, [])
                 logger.info("loading the native CPU kernels (%s); the first use on a machine builds them, ~20 s",
                             isa)
-                _module = load_inline(name=f"prodigy_dist_native_v16_{isa.lower() if flags else 'base'}",
+                _module = load_inline(name=f"prodigy_dist_native_v17_{isa.lower() if flags else 'base'}",
                                       cpp_sources=[_SOURCE],
                                       functions=["statistics", "rms_factored", "stochastic_round_",
                                                  "update_sf_factored", "atan2_fast_", "factors_"],
