@@ -385,7 +385,10 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
             # Only when stepping alone: under a reducer every rank must form the same buckets, and the local
             # sizes of sharded pieces differ between ranks.
             alone_large = alone and local.numel() >= LARGE_TENSOR
-            key = (gi, kind, muon, local.dtype, local.device) + ((id(p),) if alone_large else ())
+            # (factored tensors of more than 2 dims apart: the compiled kernels take 2-D ones, and a bucket runs
+            # compiled only if all its tensors can)
+            key = (gi, kind, muon, local.dtype, local.device, kind == "factored" and len(layout.global_shape) > 2) \
+                + ((id(p),) if alone_large else ())
             # packed or not, and in which pack: from global sizes only, the same on every rank
             numel = packing.packed_numel(kind, muon, layout, local.dtype) if packs_ok[gi] else None
             if numel is not None:

@@ -58,10 +58,10 @@ def train(model, opt, steps, full=lambda p: p, start=0):
     return {n: full(p.detach()).clone() for n, p in model.named_parameters()}
 
 
-def single_process(options: dict, steps: int):
+def single_process(options: dict, steps: int, dtype=torch.float32):
     from prodigy_dist import ProdigyPlusScheduleFree
     torch.manual_seed(0)
-    model = ShardModel()
+    model = ShardModel().to(dtype)
     opt = _new(ProdigyPlusScheduleFree, model, options)
     params = train(model, opt, steps)
     return params, [g["d"] for g in opt.param_groups]
@@ -279,3 +279,4 @@ def placement_error_worker(rank: int, world: int):
     except NotImplementedError as e:
         return str(e)
     return "no error"
+

@@ -263,6 +263,7 @@ def _impls(opt, params):
 
 
 def test_selection(monkeypatch):
+    from prodigy_dist.scalars import step_scalars
     params = make_params(torch.float32)
     # unsupported options run the eager kernels whatever fast_path says
     assert set(_impls(ProdigyPlusScheduleFree(params, fast_path="compiled", use_cautious=True), params)) == {None}
@@ -274,6 +275,16 @@ def test_selection(monkeypatch):
     big = [torch.nn.Parameter(torch.randn(300, 256)), torch.nn.Parameter(torch.randn(40))]
     impls = _impls(ProdigyPlusScheduleFree(big), big)
     assert sorted(map(str, impls)) == sorted(map(str, [compiled, None]))
+    # a factored tensor of more than 2 dims (a conv weight) runs eagerly, in a bucket of its own: the 2-D ones
+    # beside it stay compiled (one bucket held them all before, and the conv weight sent it to the eager kernels)
+    mixed = [torch.nn.Parameter(torch.randn(36, 40, 3)), torch.nn.Parameter(torch.randn(70, 36)),
+             torch.nn.Parameter(torch.randn(33, 70))]
+    for p in mixed:
+        p.grad = torch.zeros_like(p)
+    opt = ProdigyPlusScheduleFree(mixed, fast_path="compiled")
+    buckets = {tuple(b.params[0].shape): (b.impl, len(b.params))
+               for b in opt._buckets([(0, p) for p in mixed], [step_scalars(opt.param_groups[0])])}
+    assert buckets == {(36, 40, 3): (None, 1), (70, 36): (compiled, 2)}
 
 
 def test_compile_failure_is_logged_once_and_runs_eagerly(caplog):
