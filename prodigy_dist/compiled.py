@@ -713,7 +713,8 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
         # is updated in chunks of at most TABLE_SIZE elements, whose noise is one contiguous slice of the table
         # written twice in a row (no gather in the kernel).
         table = doubled_table(b.params[i].device, b.sr_seed)
-        start_y, start_z = (table_start(sc["k"], stream, b.layouts[i].flat_offset) for stream in (0, 1))
+        start_y, start_z = (table_start(sc["k"], stream, b.layouts[i].flat_offset, key=b.positions[i])
+                            for stream in (0, 1))
         y_all = args[4]
         row = y_all[0].numel() if y_all.dim() > 1 else 1
         step_rows = max(1, TABLE_SIZE // row)
@@ -746,8 +747,8 @@ def _update_lists(b: Bucket, V: Variant, s, gs, factors, ms, vs, scales, flat) -
     table = starts = None
     if V.storage == "sr":
         table = doubled_table(device, b.sr_seed)
-        starts = torch.tensor([[table_start(b.sc["k"], stream, lay.flat_offset) for stream in (0, 1)]
-                               for lay in b.layouts], dtype=torch.int64, device=device)
+        starts = torch.tensor([[table_start(b.sc["k"], stream, lay.flat_offset, key=key) for stream in (0, 1)]
+                               for lay, key in zip(b.layouts, b.positions)], dtype=torch.int64, device=device)
     for idx in _chunks(b, range(len(b.params))):
         zs = [flat(b.states[i]["z"]) if V.schedulefree else None for i in idx]
         k = _kernel("prodigy_update_list", _update_list, tuple(V) + (V.stable, len(idx)))
@@ -771,7 +772,7 @@ def _native_update(b: Bucket, i: int, g, y, z, a, c, s, scale, V: Variant, stoch
     noise = None
     if stochastic:
         noise = (doubled_table(y.device, b.sr_seed),
-                 *(table_start(b.sc["k"], stream, layout.flat_offset) for stream in (0, 1)))
+                 *(table_start(b.sc["k"], stream, layout.flat_offset, key=b.positions[i]) for stream in (0, 1)))
     if not native.update_sf_factored(g, y, z, a, c, s, scale, V.decay,
                                      (layout.slice_start, out) if out is not None else None, atan2=V.atan2,
                                      noise=noise):

@@ -550,13 +550,15 @@ def _write_back(b: Bucket, ys, zs) -> None:
     stochastic, step = b.group["stochastic_rounding"], b.sc["k"]
     if b.pack is not None:
         dtype = b.params[0].dtype
-        b.pack.scatter_(b.params, b.pack.rounded(ys[0], dtype, stochastic, seed=b.sr_seed, step=step, stream=0))
+        b.pack.scatter_(b.params, b.pack.rounded(ys[0], dtype, stochastic, seed=b.sr_seed, step=step, stream=0,
+                                                 keys=b.positions))
         if zs is not None and zs[0] is not b.flat["z"]:
-            b.flat["z"].copy_(b.pack.rounded(zs[0], dtype, stochastic, seed=b.sr_seed, step=step, stream=1))
+            b.flat["z"].copy_(b.pack.rounded(zs[0], dtype, stochastic, seed=b.sr_seed, step=step, stream=1,
+                                             keys=b.positions))
         return
-    for i, (p, layout) in enumerate(zip(b.params, b.layouts)):
-        write_back_(p, ys[i], stochastic, flat_offset=layout.flat_offset, seed=b.sr_seed, step=step, stream=0,
-                    work=_work(b, 0, p) if b.scratch is not None else None)
+    for i, (p, layout, key) in enumerate(zip(b.params, b.layouts, b.positions)):
+        write_back_(p, ys[i], stochastic, flat_offset=layout.flat_offset, key=key, seed=b.sr_seed, step=step,
+                    stream=0, work=_work(b, 0, p) if b.scratch is not None else None)
         if zs is not None:
-            write_back_(b.states[i]["z"], zs[i], stochastic, flat_offset=layout.flat_offset, seed=b.sr_seed,
-                        step=step, stream=1, work=_work(b, 0, p) if b.scratch is not None else None)
+            write_back_(b.states[i]["z"], zs[i], stochastic, flat_offset=layout.flat_offset, key=key,
+                        seed=b.sr_seed, step=step, stream=1, work=_work(b, 0, p) if b.scratch is not None else None)

@@ -139,7 +139,7 @@ class Pack:
         self.samples = Segments(counts, device)
         self.sample_index = torch.tensor(positions, dtype=torch.int32, device=device)
         self._roles: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # state role -> (flat, its views)
-        self._starts: tuple[int, torch.Tensor] | None = None  # (step, noise table starts of streams 0 and 1)
+        self._starts: tuple[tuple, torch.Tensor] | None = None  # ((step, keys), table starts of streams 0 and 1)
         # per tensor: its global number of elements (StableAdamW's RMS)
         self.global_numels = torch.tensor([lay.global_numel for lay in layouts], dtype=torch.float32, device=device)
 
@@ -171,13 +171,13 @@ class Pack:
         torch._foreach_copy_(targets, self.pieces(flat))
 
     def rounded(self, flat: torch.Tensor, dtype: torch.dtype, stochastic: bool, *, seed: int, step: int,
-                stream: int) -> torch.Tensor:
+                stream: int, keys: list[int]) -> torch.Tensor:
         """fp32 results in storage ``dtype`` as :func:`rounding.write_back_` stores them tensor by tensor: bf16 with
         stochastic rounding uses exactly the noise each tensor would get on its own; else round to nearest."""
         if flat.dtype == dtype:
             return flat
         if stochastic and dtype == torch.bfloat16 and flat.dtype == torch.float32:
-            return self._stochastic_bf16(flat, seed, step, stream)
+            return self._stochastic_bf16(flat, seed, step, stream, keys)
         return flat.to(dtype)
 
     def adopt(self, states: list[dict[str, Any]], dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
@@ -209,11 +209,15 @@ class Pack:
             self._roles[key] = (flat, views)
         return flats
 
-    def _stochastic_bf16(self, flat: torch.Tensor, seed: int, step: int, stream: int) -> torch.Tensor:
-        """bf16 values of the fp32 ``flat``, each tensor rounded with the noise of its own table start."""
-        if self._starts is None or self._starts[0] != step:  # both streams' starts, hashed once per step
-            starts = [(table_start(step, 0, offset), table_start(step, 1, offset)) for offset in self.flat_offsets]
-            self._starts = (step, torch.tensor(starts, dtype=torch.long, device=flat.device).t().contiguous())
+    def _stochastic_bf16(self, flat: torch.Tensor, seed: int, step: int, stream: int, keys: list[int]
+                         ) -> torch.Tensor:
+        """bf16 values of the fp32 ``flat``, each tensor rounded with the noise of its own table start (``keys``:
+        the tensors' positions in the optimizer)."""
+        when = (step, tuple(keys))
+        if self._starts is None or self._starts[0] != when:  # both streams' starts, hashed once per step
+            starts = [(table_start(step, 0, offset, key=key), table_start(step, 1, offset, key=key))
+                      for offset, key in zip(self.flat_offsets, keys)]
+            self._starts = (when, torch.tensor(starts, dtype=torch.long, device=flat.device).t().contiguous())
         # a tensor of n < MAX_NUMEL <= TABLE_SIZE elements reads entries start .. start + n of the doubled table
         index = self.elements.expand(self._starts[1][stream])
         index += self.elements.within()

@@ -147,20 +147,22 @@ class ReferenceProdigyPlusScheduleFree(torch.optim.Optimizer):
         device = grads[0].device if grads else None
         num = [torch.zeros((), dtype=torch.float32, device=device) for _ in self.param_groups]
         den = [torch.zeros((), dtype=torch.float32, device=device) for _ in self.param_groups]
+        position = 0  # of the parameter in the optimizer (its stochastic rounding noise depends on it)
         for gi, group in enumerate(self.param_groups):
             sc = step_scalars(group)
             acc = gi if split else 0
             stepped = False
             for p in group["params"]:
                 if p.grad is not None:
-                    stepped |= self._step_param(p, group, sc, num, den, acc)
+                    stepped |= self._step_param(p, group, sc, num, den, acc, position)
+                position += 1
             if stepped and group["use_schedulefree"]:
                 group["running_weight_sum"] = sc["weight_sum"]
                 group["effective_lr"] = group["lr"] * sc["xy"]
         self._end_step(num, den)
         return loss
 
-    def _step_param(self, p, group, sc, num, den, acc) -> bool:
+    def _step_param(self, p, group, sc, num, den, acc, position: int) -> bool:
         state = self._init_state(p, group)
         sf = group["use_schedulefree"]
         d, beta1, beta2 = sc["d"], sc["beta1"], sc["beta2"]
@@ -249,10 +251,11 @@ class ReferenceProdigyPlusScheduleFree(torch.optim.Optimizer):
             y = torch.add(y * (1 - decay), u, alpha=-dlr)
 
         step = group["k"]
-        write_back_(p, y, group["stochastic_rounding"], flat_offset=0, seed=self.sr_seed, step=step, stream=0)
+        write_back_(p, y, group["stochastic_rounding"], flat_offset=0, key=position, seed=self.sr_seed, step=step,
+                    stream=0)
         if sf:
-            write_back_(state["z"], z, group["stochastic_rounding"], flat_offset=0, seed=self.sr_seed, step=step,
-                        stream=1)
+            write_back_(state["z"], z, group["stochastic_rounding"], flat_offset=0, key=position, seed=self.sr_seed,
+                        step=step, stream=1)
         return True
 
     @staticmethod

@@ -1,12 +1,13 @@
 """Stochastic rounding of fp32 values into bf16 storage, with reproducible noise.
 
 The noise added below the bf16 mantissa is read from a fixed table of 2**20 uniform 16-bit values (made once per
-device and seed) at a start position that is a hash of (seed, step, stream, global flat offset of the local piece),
-instead of drawn from the device's global generator (ALGORITHM.md A5): replicas of a parameter (DDP, HSDP, ZeRO-0)
-hold the same piece at the same offset, read the same noise and stay bitwise equal, and a resumed run rounds
-exactly like the uninterrupted one. Reading a table costs a fraction of generating fresh random numbers. Each
-element's noise is uniform, so the rounding is unbiased; elements 2**20 apart share a value within one step. (A piece
-at another offset reads other noise, so a sharded run rounds differently from a single process.)
+device and seed), instead of drawn from the device's global generator (ALGORITHM.md A5): the element of global flat
+index i of a parameter reads entry (h + i) mod 2**20, where h is a hash of (step, stream, the parameter's position in
+the optimizer). The noise is thus a function of the element alone, not of how the parameter is split: replicas
+(DDP, HSDP, ZeRO-0) stay bitwise equal, a sharded run (FSDP2 row blocks, ZeRO fragments) rounds exactly like one
+process, and a resumed run exactly like the uninterrupted one. Reading a table costs a fraction of generating fresh
+random numbers. Each element's noise is uniform, so the rounding is unbiased; elements 2**20 apart in one tensor
+share a value within one step.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ def _table(device: torch.device, seed: int) -> torch.Tensor:
     return table
 
 
-def table_start(step: int, stream: int, flat_offset: int) -> int:
-    """Where in the noise table the stream's element at ``flat_offset`` reads its noise at ``step``."""
-    return _mix(step, stream, flat_offset) % TABLE_SIZE
+def table_start(step: int, stream: int, flat_offset: int, *, key: int) -> int:
+    """Where in the noise table the stream's element at global flat index ``flat_offset`` of the parameter at
+    position ``key`` in the optimizer reads its noise at ``step`` (the next elements read the next entries)."""
+    return (_mix(step, stream, key) + flat_offset) % TABLE_SIZE
 
 
 _doubled: dict[tuple[torch.device, int], torch.Tensor] = {}
@@ -62,7 +64,7 @@ def round_with_noise(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float32).to(torch.bfloat16)
 
 
-def copy_stochastic_(target: torch.Tensor, source: torch.Tensor, *, flat_offset: int, seed: int, step: int,
+def copy_stochastic_(target: torch.Tensor, source: torch.Tensor, *, flat_offset: int, key: int, seed: int, step: int,
                      stream: int, work: torch.Tensor | None = None) -> None:
     """target (bf16) <- source (fp32) with stochastic rounding; deterministic given the arguments.
 
@@ -72,7 +74,7 @@ def copy_stochastic_(target: torch.Tensor, source: torch.Tensor, *, flat_offset:
     n = bits.numel()
     out = work.reshape(-1).view(torch.int32) if work is not None else torch.empty_like(bits)
     table = _table(source.device, seed)
-    start = table_start(step, stream, flat_offset)
+    start = table_start(step, stream, flat_offset, key=key)
     i = 0
     while i < n:
         m = min(n - i, TABLE_SIZE - start)
@@ -82,12 +84,13 @@ def copy_stochastic_(target: torch.Tensor, source: torch.Tensor, *, flat_offset:
     target.copy_(out.view(torch.float32).view(source.shape))
 
 
-def write_back_(target: torch.Tensor, source: torch.Tensor, stochastic: bool, *, flat_offset: int, seed: int,
-                step: int, stream: int, work: torch.Tensor | None = None) -> None:
+def write_back_(target: torch.Tensor, source: torch.Tensor, stochastic: bool, *, flat_offset: int, key: int,
+                seed: int, step: int, stream: int, work: torch.Tensor | None = None) -> None:
     """Store an fp32 working copy into its storage tensor (a no-op when they are the same tensor)."""
     if target is source:
         return
     if stochastic and target.dtype == torch.bfloat16 and source.dtype == torch.float32:
-        copy_stochastic_(target, source, flat_offset=flat_offset, seed=seed, step=step, stream=stream, work=work)
+        copy_stochastic_(target, source, flat_offset=flat_offset, key=key, seed=seed, step=step, stream=stream,
+                         work=work)
     else:
         target.copy_(source)

@@ -102,17 +102,23 @@ def test_fsdp2_matches_one_process(pools, world, options):
     _assert_params_close(sharded["params"], params)
 
 
-def test_fsdp2_bf16_compiled_matches_eager(pools):
-    """bf16 weights under FSDP2 on 2 ranks: the compiled path (on a CPU, the native update, rounding stochastically
-    with each shard's noise) against the eager path, equal up to rare one-ulp rounding flips. (Against one process
-    a sharded bf16 run differs more: a piece at another offset reads other noise, see prodigy_dist.rounding.)"""
-    compiled = pools(2).run(dist_workers.fsdp2_worker, dict(fast_path="compiled"), STEPS, None, torch.bfloat16)[0]
-    eager = pools(2).run(dist_workers.fsdp2_worker, dict(fast_path="eager"), STEPS, None, torch.bfloat16)[0]
-    assert compiled["d"][0][0] == pytest.approx(eager["d"][0][0], rel=1e-3) and eager["d"][0][0] > 1e-6
-    for name, want in eager["params"].items():
-        got = compiled["params"][name]
-        assert (got != want).float().mean().item() < 0.02, name
-        assert ((got - want).abs() <= want.abs() * 2 ** -7 + 1e-6).all(), name
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("fast_path", ["eager", "compiled"])
+def test_fsdp2_bf16_matches_one_process(pools, world, fast_path):
+    """bf16 weights with stochastic rounding: the noise is a function of the element (global index, parameter,
+    step), so shards round as one process does. Equal up to rare flips where the fp32 value before the rounding
+    differs in its last bits (the sharded sums), at most 2 bf16 ulps apart after 20 steps; d, whose Prodigy dot
+    products are rounded to bf16 per piece as on one process per tensor, within a few percent after 20 steps near
+    d0 (measured: 0.9% on 2 ranks, 1.8% on 3). The compiled path is the native update on a CPU."""
+    options = dict(fast_path=fast_path)
+    sharded = pools(world).run(dist_workers.fsdp2_worker, options, STEPS, None, torch.bfloat16)[0]
+    params, d = dist_workers.single_process(options, STEPS, torch.bfloat16)
+    assert d[0] > 2e-6  # d moved
+    assert sharded["d"][0][0] == pytest.approx(d[0], rel=0.03)
+    for name, want in params.items():
+        got, want = sharded["params"][name], want.float()
+        assert (got != want).float().mean().item() < 0.03, name
+        assert ((got - want).abs() <= want.abs() * 2 ** -6 + 1e-6).all(), name
 
 
 @pytest.mark.parametrize("options", [{}, dict(use_muon_pp=True, use_orthograd=True)], ids=["defaults", "muon_orthograd"])

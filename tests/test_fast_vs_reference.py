@@ -102,15 +102,20 @@ def test_stochastic_rounding_is_unbiased_and_deterministic():
     from prodigy_dist.rounding import copy_stochastic_
     src = torch.full((200_000,), 1.0 + 2 ** -10)  # between two bf16 values, 1/8 of the way up
     out = torch.empty(200_000, dtype=torch.bfloat16)
-    copy_stochastic_(out, src, flat_offset=0, seed=3, step=1, stream=0)
+    copy_stochastic_(out, src, flat_offset=0, key=0, seed=3, step=1, stream=0)
     assert out.float().mean().item() == pytest.approx(src.mean().item(), abs=2e-4)
     assert set(out.float().unique().tolist()) == {1.0, 1.0078125}
     again = torch.empty_like(out)
-    copy_stochastic_(again, src, flat_offset=0, seed=3, step=1, stream=0)
+    copy_stochastic_(again, src, flat_offset=0, key=0, seed=3, step=1, stream=0)
     assert torch.equal(out, again)
-    other_step = torch.empty_like(out)
-    copy_stochastic_(other_step, src, flat_offset=0, seed=3, step=2, stream=0)
-    assert not torch.equal(out, other_step)
+    for other in (dict(step=2, key=0), dict(step=1, key=1)):  # another step, another parameter: other noise
+        different = torch.empty_like(out)
+        copy_stochastic_(different, src, flat_offset=0, seed=3, stream=0, **other)
+        assert not torch.equal(out, different)
+    # the noise is a function of the element: a piece at global offset 1000 rounds as those elements of the whole
+    piece = torch.empty(50_000, dtype=torch.bfloat16)
+    copy_stochastic_(piece, src[1000:51_000], flat_offset=1000, key=0, seed=3, step=1, stream=0)
+    assert torch.equal(piece, out[1000:51_000])
 
 
 def _fused_pair(options):

@@ -209,10 +209,12 @@ def test_pack_positions_sums_and_noise_match_each_tensor():
     # stochastic rounding: each tensor gets exactly the noise write_back_ gives it on its own
     for stream in (0, 1):
         got = [torch.empty_like(t, dtype=torch.bfloat16) for t in tensors]
-        pack.scatter_(got, pack.rounded(flat * 1.001, torch.bfloat16, True, seed=3, step=7, stream=stream))
-        for t, g, lay in zip(tensors, got, layouts):
+        keys = [10 + i for i in range(len(tensors))]
+        pack.scatter_(got, pack.rounded(flat * 1.001, torch.bfloat16, True, seed=3, step=7, stream=stream,
+                                        keys=keys))
+        for t, g, lay, key in zip(tensors, got, layouts, keys):
             ref = torch.empty_like(g)
-            write_back_(ref, t * 1.001, True, flat_offset=lay.flat_offset, seed=3, step=7, stream=stream)
+            write_back_(ref, t * 1.001, True, flat_offset=lay.flat_offset, key=key, seed=3, step=7, stream=stream)
             assert torch.equal(g, ref)
     # scatter puts every segment back in place, with its shape
     back = [torch.zeros_like(t) for t in tensors]
