@@ -119,10 +119,10 @@ def variant(b: Bucket) -> Variant | None:
     dtype = b.params[0].dtype
     if dtype not in (torch.float32, torch.bfloat16):
         return None
-    for p, g, dims, layout in zip(b.params, b.grads, b.dims, b.layouts):
+    if _tensor_obstacle(b) is not None:
+        return None
+    for p, dims, layout in zip(b.params, b.dims, b.layouts):
         if getattr(layout, "fragment", False):  # DeepSpeed ZeRO fragments: eager
-            return None
-        if g.dtype != dtype or not p.is_contiguous() or not g.is_contiguous():
             return None
         if dims is not None and p.dim() != 2:
             return None
@@ -145,6 +145,21 @@ def variant(b: Bucket) -> Variant | None:
     return Variant(full=b.kind == "full", schedulefree=group["use_schedulefree"], atan2=eps is None,
                    stable=group["use_stableadamw"] and eps is not None, decay=decay, storage=storage,
                    moment_dtype=dtype)
+
+
+def _tensor_obstacle(b: Bucket) -> str | None:
+    """Why a tensor of bucket ``b`` keeps the bucket off the compiled kernels (a layout of its memory they do not
+    take), or None."""
+    dtype = b.params[0].dtype
+    for p, g in zip(b.params, b.grads):
+        if g.dtype != dtype:
+            return f"a gradient of dtype {g.dtype} for a parameter of dtype {dtype}"
+        if not p.is_contiguous() or not g.is_contiguous():
+            return f"a non-contiguous parameter or gradient of shape {tuple(p.shape)}"
+    return None
+
+
+_obstacles_logged: set[str] = set()
 
 
 # ------------------------------------------------------------------------------------------ compilation
@@ -235,7 +250,15 @@ def choose(b: Bucket, fast_path: str, total_params: Callable[[], int], alone: bo
     AUTO_CPU_MIN_PARAMS parameters (compile time would not pay off). A packed bucket (prodigy_dist.packing) is never
     compiled: its flat eager kernels cost a few passes over its elements.
     """
-    if fast_path == "eager" or b.pack is not None or variant(b) is None:
+    if fast_path == "eager" or b.pack is not None:
+        return False
+    if variant(b) is None:
+        # options the compiled kernels do not take are documented; a tensor's memory layout would be a surprise
+        obstacle = _tensor_obstacle(b)
+        if obstacle is not None and obstacle not in _obstacles_logged:
+            _obstacles_logged.add(obstacle)
+            logger.info("prodigy_dist: %d tensors run the eager kernels instead of the compiled fast path: %s "
+                        "(logged once)", len(b.params), obstacle)
         return False
     device = b.params[0].device
     if fast_path == "auto":

@@ -299,3 +299,15 @@ def test_compile_failure_is_logged_once_and_runs_eagerly(caplog):
         assert torch.equal(kernel(x), x * 3.0)
     warnings = [r for r in caplog.records if "prodigy_test_failure" in r.getMessage()]
     assert len(warnings) == 1 and kernel.failed
+
+
+def test_a_non_contiguous_tensor_keeps_its_bucket_eager_and_says_so_once(caplog):
+    params = make_params(torch.float32)
+    params[1] = torch.nn.Parameter(torch.randn(200, 64).t())  # (64, 200), not contiguous
+    compiled._obstacles_logged.clear()
+    with caplog.at_level(logging.INFO, logger="prodigy_dist.compiled"):
+        opt = ProdigyPlusScheduleFree(params, fast_path="compiled")
+        assert None in _impls(opt, params)
+        _impls(opt, params)
+    said = [r for r in caplog.records if "non-contiguous" in r.getMessage()]
+    assert len(said) == 1 and "(64, 200)" in said[0].getMessage()
