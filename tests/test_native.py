@@ -234,3 +234,51 @@ def test_adam_atan2_takes_the_native_update(monkeypatch):
     model(torch.randn(8, 300)).square().mean().backward()
     opt.step()
     assert calls == [True]  # the weight matrix (the bias is unfactored)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_prodigy_factored_updates_the_first_moment_as_the_compiled_pass(dtype):
+    from prodigy_dist import compiled
+
+    gen = torch.Generator().manual_seed(3)
+    shape = (67, 130)
+    g = (torch.randn(shape, generator=gen) * 1e-2).to(dtype)
+    m = (torch.randn(shape, generator=gen) * 1e-5).to(dtype)
+    a, c = torch.rand(shape[0], generator=gen) + 0.1, torch.rand(shape[1], generator=gen) + 0.1
+    V = compiled.Variant(full=False, schedulefree=False, atan2=False, stable=True, decay="none", storage="fp32",
+                         moment_dtype=dtype)
+    s = torch.zeros(13)
+    d, beta1 = 2e-3, 0.9
+    s[compiled._D], s[compiled._EPS_TERM], s[compiled._BETA1], s[compiled._M_ALPHA] = d, d * 1e-8, beta1, (1 - beta1) * d
+    m_native, m_compiled = m.clone(), m.clone()
+    total = native.rms_prodigy_factored(g, m_native, a, c, s)
+    want = compiled._rms_pass(g, a, c, m_compiled, None, s, V)
+    assert total.dtype == torch.float32 and total.dim() == 0
+    torch.testing.assert_close(total, want, rtol=1e-5, atol=0)
+    if dtype == torch.bfloat16:  # the same roundings: equal but for rare last-bit flips of the fp32 intermediates
+        assert (m_native != m_compiled).float().mean().item() < 1e-3
+    else:
+        torch.testing.assert_close(m_native, m_compiled, rtol=1e-6, atol=0)
+    assert not torch.equal(m_native, m)  # the moment moved
+    exact = (m.double() * beta1 + g.double() * (1 - beta1) * d)
+    tol = 2 ** -7 if dtype == torch.bfloat16 else 1e-6  # (relative to the largest value: sums that cancel)
+    torch.testing.assert_close(m_native.double(), exact, rtol=tol, atol=tol * exact.abs().max().item())
+    divisor = native.rms_prodigy_factored(g, m.clone(), a, c, s, numel=10)
+    assert divisor.item() == pytest.approx(max((total.item() / 10) ** 0.5, 1.0) ** 0.5, rel=1e-6)
+    assert native.rms_prodigy_factored(g, m.float() if dtype != torch.float32 else m.bfloat16(), a, c, s) is None
+
+
+def test_prodigy_mode_takes_the_native_rms_pass(monkeypatch):
+    from prodigy_dist import ProdigyPlusScheduleFree
+
+    calls = []
+    original = native.rms_prodigy_factored
+    monkeypatch.setattr(native, "rms_prodigy_factored",
+                        lambda g, *a, **k: calls.append(tuple(g.shape)) or original(g, *a, **k))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(300, 200)
+    opt = ProdigyPlusScheduleFree(model.parameters(), fast_path="compiled", use_schedulefree=False)
+    model(torch.randn(8, 300)).square().mean().backward()
+    opt.step()
+    assert calls == [(200, 300)]
+    assert opt.state[model.weight]["exp_avg"].abs().sum() > 0  # the first moment it wrote
