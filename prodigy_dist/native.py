@@ -28,9 +28,10 @@
   124M, 2 threads, 2.04x fused AdamW's step before, about the default options' ratio after).
 * :func:`rms_factored` -- the StableAdamW sum of the squared update, sum (d g / (a_i c_j + d eps))^2, for factored
   2-D tensors; :func:`rms_prodigy_factored` the same in Prodigy mode, which also writes the new first moment (GPT-2
-  124M, Prodigy mode, 2 threads: that pass 46 -> 25 ms, the step 105 -> 84 ms). Inductor's full reductions keep their accumulator in a heap-allocated cascade-summation stack
-  (a store and a reload per vector of the loop) and its row reductions reload the broadcast scalars in the inner
-  loop; both run at about half of the memory bandwidth on a CPU.
+  124M, Prodigy mode, 2 threads: that pass 46 -> 25 ms, the step 105 -> 84 ms). Inductor's full reductions keep
+  their accumulator in a heap-allocated cascade-summation stack (a store and a reload per vector of the loop) and
+  its row reductions reload the broadcast scalars in the inner loop; both run at about half of the memory
+  bandwidth on a CPU.
 
 Row sums accumulate in fp32 per row and column sums in fp32 per thread, with explicit fused multiply-adds (on one
 core that pass was bound by its arithmetic: wte of GPT-2 124M, 1 thread, 7.7 -> 6.3 ms; g.sum() 4.4 ms); the
