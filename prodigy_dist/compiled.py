@@ -853,9 +853,13 @@ def _rms(rms_k: _Kernel, g, a, c, m, v, s, V: Variant, d_eps: tuple[float, float
     it: the native pass for factored Schedule-Free tensors on a CPU (inductor's reduction runs at half the
     bandwidth there), else the compiled kernel. ``d_eps``: d and d * eps (the values of s[_D] and s[_EPS_TERM]
     before their rounding to fp32)."""
-    if not V.full and g.device.type == "cpu":
-        out = native.rms_factored(g, a, c, *d_eps, numel=numel) if V.schedulefree else \
-            native.rms_prodigy_factored(g, m, a, c, s, numel=numel)
+    if g.device.type == "cpu" and (not V.full or V.schedulefree):
+        if V.full:
+            out = native.rms_full_sf(g, v, s, numel=numel)
+        elif V.schedulefree:
+            out = native.rms_factored(g, a, c, *d_eps, numel=numel)
+        else:
+            out = native.rms_prodigy_factored(g, m, a, c, s, numel=numel)
         if out is not None:
             return out
     uu = rms_k(g, a, c, m, v, s, V)

@@ -28,7 +28,8 @@
   124M, 2 threads, 2.04x fused AdamW's step before, about the default options' ratio after).
 * :func:`rms_factored` -- the StableAdamW sum of the squared update, sum (d g / (a_i c_j + d eps))^2, for factored
   2-D tensors; :func:`rms_prodigy_factored` the same in Prodigy mode, which also writes the new first moment (GPT-2
-  124M, Prodigy mode, 2 threads: that pass 46 -> 25 ms, the step 105 -> 84 ms). Inductor's full reductions keep
+  124M, Prodigy mode, 2 threads: that pass 46 -> 25 ms, the step 105 -> 84 ms), and :func:`rms_full_sf` with the
+  full second moment (``factored=False``), which writes v. Inductor's full reductions keep
   their accumulator in a heap-allocated cascade-summation stack (a store and a reload per vector of the loop) and
   its row reductions reload the broadcast scalars in the inner loop; both run at about half of the memory
   bandwidth on a CPU.
@@ -468,6 +469,64 @@ torch::Tensor rms_prodigy_factored(torch::Tensor g, torch::Tensor m, torch::Tens
   return sum_or_divisor(total, numel, g.options().dtype(torch::kFloat));
 }
 
+// Schedule-Free with the full second moment (factored=False): v <- beta2 v + (1 - beta2) d^2 g^2 in place, and the
+// sum of (d g / (sqrt(v) + d eps))^2, each operation rounded like the storage (prodigy_dist.compiled._moments and
+// _direction). g, v: contiguous, flat.
+template <typename T>
+static double rms_full_elements(const T* g, T* v, int64_t n, const float* k) {
+  constexpr bool low = sizeof(T) == 2;
+  const float d = k[0], beta2 = k[4], v_alpha = k[5], eps = low ? round_bf16(k[1]) : k[1];
+  std::vector<double> per_thread(at::get_num_threads(), 0.0);
+  double* out = per_thread.data();
+  at::parallel_for(0, n, 1 << 14, [=](int64_t begin, int64_t end) {
+    const T* __restrict gp = g;
+    T* __restrict vp = v;
+    double total = 0.0;
+    for (int64_t b0 = begin; b0 < end; b0 += 4096) {  // fp32 sums over chunks of 4096, added in double
+      const int64_t b1 = std::min(end, b0 + 4096);
+      float s = 0.f;
+      #pragma omp simd reduction(+:s)
+      for (int64_t j = b0; j < b1; ++j) {
+        const float gv = as_float(gp[j]);
+        float vn = as_float(vp[j]) * beta2;
+        if (low) vn = round_bf16(vn);
+        vn = vn + (gv * gv) * v_alpha;
+        if (low) vn = round_bf16(vn);
+        put(vp + j, vn);
+        float den = std::sqrt(vn);
+        if (low) den = round_bf16(den);
+        den = den + eps;
+        if (low) den = round_bf16(den);
+        const float u = (gv * d) / den;
+        s += u * u;
+      }
+      total += s;
+    }
+    out[at::get_thread_num()] += total;
+  });
+  double total = 0.0;
+  for (double s : per_thread) total += s;
+  return total;
+}
+
+torch::Tensor rms_full_sf(torch::Tensor g, torch::Tensor v, torch::Tensor k, int64_t numel) {
+  const auto dtype = g.scalar_type();
+  auto ok = [](const torch::Tensor& t, torch::ScalarType type) {
+    return t.scalar_type() == type && t.is_contiguous() && t.device().is_cpu();
+  };
+  TORCH_CHECK((dtype == torch::kFloat || dtype == torch::kBFloat16) && ok(g, dtype) && ok(v, dtype) &&
+              v.numel() == g.numel(), "g, v: contiguous fp32 or bf16 CPU tensors of one size");
+  TORCH_CHECK(ok(k, torch::kFloat) && k.numel() >= 6, "k: the step's scalars");
+  double total;
+  if (dtype == torch::kFloat) {
+    total = rms_full_elements<float>(g.data_ptr<float>(), v.data_ptr<float>(), g.numel(), k.data_ptr<float>());
+  } else {
+    total = rms_full_elements<uint16_t>(reinterpret_cast<const uint16_t*>(g.data_ptr()),
+                                        reinterpret_cast<uint16_t*>(v.data_ptr()), g.numel(), k.data_ptr<float>());
+  }
+  return sum_or_divisor(total, numel, g.options().dtype(torch::kFloat));
+}
+
 torch::Tensor rms_factored(torch::Tensor g, torch::Tensor a, torch::Tensor c, double d, double e, int64_t numel) {
   TORCH_CHECK(g.dim() == 2 && g.is_contiguous() && g.device().is_cpu(), "a contiguous 2-D CPU tensor");
   TORCH_CHECK(a.scalar_type() == torch::kFloat && c.scalar_type() == torch::kFloat && a.is_contiguous() &&
@@ -772,12 +831,12 @@ def _load():
                 flags = _ISA_FLAGS.get(isa, [])
                 logger.info("loading the native CPU kernels (%s); the first use on a machine builds them, ~20 s",
                             isa)
-                _module = load_inline(name=f"prodigy_dist_native_v18_{isa.lower() if flags else 'base'}",
+                _module = load_inline(name=f"prodigy_dist_native_v20_{isa.lower() if flags else 'base'}",
                                       cpp_sources=[_SOURCE],
                                       functions=["statistics", "rms_factored", "stochastic_round_",
                                                  "update_sf_factored", "atan2_fast_", "factors_",
-                                                 "rms_prodigy_factored"],
-                                      extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"] + flags,
+                                                 "rms_prodigy_factored", "rms_full_sf"],
+                                      extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"] + flags,
                                       extra_ldflags=["-fopenmp"],
                                       verbose=False)
             except Exception as e:  # no compiler, no ninja, a build error: keep the compiled kernels
@@ -858,6 +917,22 @@ def rms_prodigy_factored(g: torch.Tensor, m: torch.Tensor, a: torch.Tensor, c: t
     if module is None:
         return None
     return module.rms_prodigy_factored(g, m, a, c, scalars, numel)
+
+
+def rms_full_sf(g: torch.Tensor, v: torch.Tensor, scalars: torch.Tensor, numel: int = 0) -> torch.Tensor | None:
+    """The RMS pass of Schedule-Free with the full second moment (``factored=False``): v <- beta2 v + (1 - beta2)
+    d^2 g^2 written in place and sum (d g / (sqrt(v) + d eps))^2 as a 0-dim fp32 tensor (or with ``numel``
+    StableAdamW's divisor), every operation rounded like the storage (prodigy_dist.compiled._moments, _direction).
+    ``g``, ``v``: contiguous, of one size, both fp32 or both bf16; ``scalars``: compiled._scalars. None (nothing
+    written) when it does not apply or the kernels could not be built."""
+    if g.device.type != "cpu" or v.device.type != "cpu" or g.dtype not in (torch.float32, torch.bfloat16) \
+            or v.dtype != g.dtype or v.numel() != g.numel() or not (g.is_contiguous() and v.is_contiguous()) \
+            or scalars.dtype != torch.float32 or scalars.device.type != "cpu":
+        return None
+    module = _load()
+    if module is None:
+        return None
+    return module.rms_full_sf(g, v, scalars, numel)
 
 
 def stochastic_round_(target: torch.Tensor, source: torch.Tensor, noise: torch.Tensor) -> bool:

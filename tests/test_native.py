@@ -268,17 +268,52 @@ def test_rms_prodigy_factored_updates_the_first_moment_as_the_compiled_pass(dtyp
     assert native.rms_prodigy_factored(g, m.float() if dtype != torch.float32 else m.bfloat16(), a, c, s) is None
 
 
-def test_prodigy_mode_takes_the_native_rms_pass(monkeypatch):
+@pytest.mark.parametrize("kernel,options,shape,moment", [
+    ("rms_prodigy_factored", dict(use_schedulefree=False), (200, 400), "exp_avg"),
+    ("rms_full_sf", dict(factored=False), (80_000,), "exp_avg_sq")], ids=["prodigy_mode", "unfactored"])
+def test_the_compiled_path_takes_the_native_rms_passes(monkeypatch, kernel, options, shape, moment):
     from prodigy_dist import ProdigyPlusScheduleFree
 
     calls = []
-    original = native.rms_prodigy_factored
-    monkeypatch.setattr(native, "rms_prodigy_factored",
-                        lambda g, *a, **k: calls.append(tuple(g.shape)) or original(g, *a, **k))
+    original = getattr(native, kernel)
+    monkeypatch.setattr(native, kernel, lambda g, *a, **k: calls.append(tuple(g.shape)) or original(g, *a, **k))
     torch.manual_seed(0)
-    model = torch.nn.Linear(300, 200)
-    opt = ProdigyPlusScheduleFree(model.parameters(), fast_path="compiled", use_schedulefree=False)
-    model(torch.randn(8, 300)).square().mean().backward()
+    model = torch.nn.Linear(400, 200)
+    opt = ProdigyPlusScheduleFree(model.parameters(), fast_path="compiled", **options)
+    model(torch.randn(8, 400)).square().mean().backward()
     opt.step()
-    assert calls == [(200, 300)]
-    assert opt.state[model.weight]["exp_avg"].abs().sum() > 0  # the first moment it wrote
+    assert shape in calls
+    assert opt.state[model.weight][moment].abs().sum() > 0  # the moment it wrote
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_full_sf_updates_the_second_moment_as_the_compiled_pass(dtype):
+    from prodigy_dist import compiled
+
+    gen = torch.Generator().manual_seed(4)
+    n = 50_001  # (an odd size: a partial last vector)
+    g = (torch.randn(n, generator=gen) * 1e-2).to(dtype)
+    v = (torch.rand(n, generator=gen) * 1e-9).to(dtype)
+    V = compiled.Variant(full=True, schedulefree=True, atan2=False, stable=True, decay="none", storage="fp32",
+                         moment_dtype=dtype)
+    s = torch.zeros(13)
+    d, beta2 = 2e-3, 0.99
+    s[compiled._D], s[compiled._EPS_TERM], s[compiled._BETA2], s[compiled._V_ALPHA] = d, d * 1e-8, beta2, \
+        (1 - beta2) * d * d
+    v_native, v_compiled = v.clone(), v.clone()
+    total = native.rms_full_sf(g, v_native, s)
+    want = compiled._rms_pass(g, None, None, None, v_compiled, s, V)
+    torch.testing.assert_close(total, want, rtol=1e-5, atol=0)
+    if dtype == torch.bfloat16:  # the same roundings: equal but for rare last-bit flips of the fp32 intermediates
+        assert (v_native != v_compiled).float().mean().item() < 1e-3
+    else:
+        torch.testing.assert_close(v_native, v_compiled, rtol=1e-6, atol=0)
+    exact = v.double() * beta2 + g.double() ** 2 * (1 - beta2) * d * d
+    tol = 2 ** -7 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(v_native.double(), exact, rtol=tol, atol=0)
+    u = g.double() * d / (exact.sqrt() + d * 1e-8)
+    torch.testing.assert_close(total.double(), u.square().sum(), rtol=3e-2 if dtype == torch.bfloat16 else 1e-5,
+                               atol=0)
+    divisor = native.rms_full_sf(g, v.clone(), s, numel=7)
+    assert divisor.item() == pytest.approx(max((total.item() / 7) ** 0.5, 1.0) ** 0.5, rel=1e-6)
+    assert native.rms_full_sf(g, v.float() if dtype != torch.float32 else v.bfloat16(), s) is None
