@@ -249,7 +249,8 @@ def test_rms_prodigy_factored_updates_the_first_moment_as_the_compiled_pass(dtyp
                          moment_dtype=dtype)
     s = torch.zeros(13)
     d, beta1 = 2e-3, 0.9
-    s[compiled._D], s[compiled._EPS_TERM], s[compiled._BETA1], s[compiled._M_ALPHA] = d, d * 1e-8, beta1, (1 - beta1) * d
+    s[compiled._D], s[compiled._EPS_TERM] = d, d * 1e-8
+    s[compiled._BETA1], s[compiled._M_ALPHA] = beta1, (1 - beta1) * d
     m_native, m_compiled = m.clone(), m.clone()
     total = native.rms_prodigy_factored(g, m_native, a, c, s)
     want = compiled._rms_pass(g, a, c, m_compiled, None, s, V)
