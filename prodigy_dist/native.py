@@ -24,8 +24,9 @@
   with the compiled update and the walk). bf16 weights are stored rounded stochastically with the noise table
   (the bits of :mod:`prodigy_dist.rounding`) or to nearest, in the same pass (GPT-2 124M bf16, 2 threads: 1.36x
   fused AdamW's step, 2.6-2.9x with the compiled update and :func:`stochastic_round_`). With eps=None (Adam-atan2)
-  it computes the arctangent with a polynomial of its own, within 2 ulp of torch.atan2 (whose 1-ulp version made that update pass bound by its arithmetic: GPT-2
-  124M, 2 threads, 2.04x fused AdamW's step before, about the default options' ratio after).
+  it computes the arctangent with a polynomial of its own, within 2 ulp of torch.atan2 (whose 1-ulp version made
+  that update pass bound by its arithmetic: GPT-2 124M, 2 threads, 2.04x fused AdamW's step before, about the
+  default options' ratio after).
 * :func:`rms_factored` -- the StableAdamW sum of the squared update, sum (d g / (a_i c_j + d eps))^2, for factored
   2-D tensors; :func:`rms_prodigy_factored` the same in Prodigy mode, which also writes the new first moment (GPT-2
   124M, Prodigy mode, 2 threads: that pass 46 -> 25 ms, the step 105 -> 84 ms), and :func:`rms_full_sf` with the
