@@ -3,9 +3,10 @@
 The noise added below the bf16 mantissa is read from a fixed table of 2**20 uniform 16-bit values (made once per
 device and seed), instead of drawn from the device's global generator (ALGORITHM.md A5): the element of global flat
 index i of a parameter reads entry (h + i) mod 2**20, where h is a hash of (step, stream, the parameter's position in
-the optimizer). The noise is thus a function of the element alone, not of how the parameter is split: replicas
-(DDP, HSDP, ZeRO-0) stay bitwise equal, a sharded run (FSDP2 row blocks, ZeRO fragments) rounds exactly like one
-process, and a resumed run exactly like the uninterrupted one. Reading a table costs a fraction of generating fresh
+the optimizer; under DeepSpeed, its index in its ZeRO partition). The noise is thus a function of the element, not
+of how the parameter is split: replicas (DDP, HSDP, ZeRO-0) stay bitwise equal, FSDP2 row blocks round exactly as
+one process does (up to the rare flips where the fp32 value before the rounding differs in its last bits), and a
+resumed run exactly like the uninterrupted one. Reading a table costs a fraction of generating fresh
 random numbers. Each element's noise is uniform, so the rounding is unbiased; elements 2**20 apart in one tensor
 share a value within one step.
 """
