@@ -39,13 +39,14 @@ params = make_params(base)
 opt = ProdigyPlusScheduleFree(params, fast_path="compiled")
 adamw = torch.optim.AdamW(make_params(base), fused=True)
 stats, rms, update = native.statistics, native.rms_factored, native.update_sf_factored
-off = lambda *a: None  # noqa: E731
+off = lambda *a, **k: None  # noqa: E731
+no_update = lambda *a, **k: False  # noqa: E731
 modes = {  # name -> (statistics, rms_factored, update_sf_factored), or None for AdamW
     "all native": (stats, rms, update),
-    "compiled update": (stats, rms, lambda *a: False),
-    "native stats, no Prodigy": (lambda g, sample=None: stats(g, None), rms, lambda *a: False),
-    "inductor RMS": (stats, off, lambda *a: False),
-    "inductor only": (off, off, lambda *a: False),
+    "compiled update": (stats, rms, no_update),
+    "native stats, no Prodigy": (lambda g, sample=None: stats(g, None), rms, no_update),
+    "inductor RMS": (stats, off, no_update),
+    "inductor only": (off, off, no_update),
     "AdamW(fused=True)": None,
 }
 
