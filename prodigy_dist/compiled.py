@@ -19,12 +19,12 @@ Passes over memory per parameter of a 2-D tensor (fp32; bf16 halves every figure
 * phase B, StableAdamW on (``eps`` a number): one read of g for the RMS of the update (recomputed, never stored;
   native on a CPU for factored tensors and for Schedule-Free with the full second moment; on one process each
   tensor's right before its update, which then reads g from cache), yield, then one fused pass that reads g, y
-  and z and writes y and z (4 + 20 B/param). On a CPU, factored Schedule-Free tensors (fp32, or bf16 with either
-  rounding; ``eps`` a number or None) take a native update pass (:func:`native.update_sf_factored`), which also
-  copies z's new values at the sampled positions into a compact vector (1/11 of z, from cache) for the next step's
-  statistics:
-  kept out of the state, remembered with z's version counter, so that any other write to z (a loaded checkpoint)
-  makes the next step walk z again. It costs 4/11 B/param of memory (2/11 in bf16) and saves the walk over z.
+  and z and writes y and z (4 + 20 B/param). On a CPU, Schedule-Free tensors (fp32, or bf16 with either rounding;
+  ``eps`` a number or None; factored, or with the full second moment) take a native update pass
+  (:func:`native.update_sf_factored`, :func:`native.update_sf_full`), which also copies z's new values at the
+  sampled positions into a compact vector (1/11 of z, from cache) for the next step's statistics: kept out of the
+  state, remembered with z's version counter, so that any other write to z (a loaded checkpoint) makes the next
+  step walk z again. It costs 4/11 B/param of memory (2/11 in bf16) and saves the walk over z.
   Prodigy mode writes the first moment in the RMS pass and reads it in the update pass; ``factored=False`` does
   the same with the full second moment; ``eps=None`` (Adam-atan2) has no RMS pass.
   Other bf16 storage with stochastic rounding on a CPU (unfactored, Prodigy mode): the update pass writes each
@@ -716,7 +716,7 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
         return
     # on a CPU from here
     stochastic = V.storage == "sr"
-    native_update = not V.full and V.schedulefree and V.storage in ("fp32", "sr", "rne")
+    native_update = V.schedulefree and V.storage in ("fp32", "sr", "rne")
     native_sr = stochastic and native.available()
     if native_sr:  # the kernel writes fp32 results into a buffer in cache, native.stochastic_round_ stores them
         V = V._replace(storage="sr_out")
@@ -728,7 +728,7 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
         z = flat(b.states[i]["z"]) if V.schedulefree else None
         # (detached: dynamo gives nn.Parameter inputs static shapes, which would recompile per shape)
         args = [gs[i], a, ms[i], vs[i], flat(b.params[i].detach()), z]
-        if native_update and _native_update(b, i, gs[i], args[4], z, a, c, s, scales[i], V, stochastic):
+        if native_update and _native_update(b, i, a, c, s, scales[i], V, stochastic):
             continue
         if V.storage not in ("sr", "sr_out"):
             g, a, m, v, y, z = args
@@ -783,27 +783,37 @@ def _update_lists(b: Bucket, V: Variant, s, gs, factors, ms, vs, scales, flat) -
           starts[idx] if starts is not None else None, V, V.stable)
 
 
-def _native_update(b: Bucket, i: int, g, y, z, a, c, s, scale, V: Variant, stochastic: bool) -> bool:
-    """The native update of a factored Schedule-Free piece (CPU; fp32, or bf16 rounded stochastically or to
-    nearest), which also leaves z's new sampled values for the next step's statistics pass (remembered with z's
-    version counter: any other write to z voids them)."""
+def _native_update(b: Bucket, i: int, a, c, s, scale, V: Variant, stochastic: bool) -> bool:
+    """The native update of a Schedule-Free piece (CPU; factored with the factors ``a``, ``c``, or with the full
+    second moment; fp32, or bf16 rounded stochastically or to nearest), which also leaves z's new sampled values for
+    the next step's statistics pass (remembered with z's version counter: any other write to z voids them)."""
     st, layout = b.states[i], b.layouts[i]
+    z_state = st["z"]
+    # 2-D views (unfactored pieces of any shape: rows of their last dim); the sample positions are flat indices
+    g, y, z = b.grads[i], b.params[i].detach(), z_state
+    if V.full:
+        rows = (-1, g.shape[-1]) if g.dim() >= 2 else (1, -1)
+        g, y, z = g.reshape(rows), y.reshape(rows), z.reshape(rows)
     p0 = st.get("p0")
     out = None
     if p0 is not None:  # (the last step's buffer is free again: this step's statistics have read it)
-        entry = _samples_entry(z)
+        entry = _samples_entry(z_state)
         out = entry.values if entry is not None and entry.values.numel() == p0.numel() \
             and entry.values.dtype == z.dtype else torch.empty(p0.numel(), dtype=z.dtype)
     noise = None
     if stochastic:
         noise = (doubled_table(y.device, b.sr_seed),
                  *(table_start(b.sc["k"], stream, layout.flat_offset, key=b.positions[i]) for stream in (0, 1)))
-    if not native.update_sf_factored(g, y, z, a, c, s, scale, V.decay,
-                                     (layout.slice_start, out) if out is not None else None, atan2=V.atan2,
-                                     noise=noise):
+    samples = (layout.slice_start, out) if out is not None else None
+    if V.full:
+        done = native.update_sf_full(g, y, z, st["exp_avg_sq"].reshape(g.shape), s, scale, V.decay, samples,
+                                     atan2=V.atan2, noise=noise)
+    else:
+        done = native.update_sf_factored(g, y, z, a, c, s, scale, V.decay, samples, atan2=V.atan2, noise=noise)
+    if not done:
         return False
     if out is not None:
-        _remember_samples(z, layout.slice_start, out)
+        _remember_samples(z_state, layout.slice_start, out)
     return True
 
 

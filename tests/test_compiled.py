@@ -136,21 +136,27 @@ def test_gpu_formulation_equals_eager_on_a_cpu(monkeypatch, dtype):
     assert counters["stats"]["unique_graphs"] == graphs
 
 
-@pytest.mark.parametrize("options", [{}, dict(stochastic_rounding=False), dict(eps=None), dict(weight_decay=0.1)],
-                         ids=["default", "round_to_nearest", "eps=None", "weight_decay"])
+@pytest.mark.parametrize("options", [{}, dict(stochastic_rounding=False), dict(eps=None), dict(weight_decay=0.1),
+                                     dict(factored=False), dict(factored=False, eps=None)],
+                         ids=["default", "round_to_nearest", "eps=None", "weight_decay", "unfactored",
+                              "unfactored_atan2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_native_update_equals_the_compiled_update(monkeypatch, dtype, options):
-    """The native update pass of factored Schedule-Free tensors (CPU) against the compiled pass it replaces: fp32
-    to a few ulps (eps=None: our arctangent, within 2 ulp of torch's), bf16 with the same rounding bits."""
+    """The native update pass of Schedule-Free tensors (CPU) against the compiled pass it replaces: fp32 to a few
+    ulps (eps=None: our arctangent, within 2 ulp of torch's), bf16 with the same rounding bits."""
     from prodigy_dist import native
     if not native.available():
         pytest.skip("the native CPU kernels could not be built here")
-    calls = []
-    update = native.update_sf_factored
-    monkeypatch.setattr(native, "update_sf_factored", lambda *a, **k: calls.append(1) or update(*a, **k))
+    calls = {"update_sf_factored": 0, "update_sf_full": 0}
+    for name in calls:
+        monkeypatch.setattr(native, name, lambda *a, _f=getattr(native, name), _n=name, **k:
+                            calls.__setitem__(_n, calls[_n] + 1) or _f(*a, **k))
     pa, oa = run("compiled", options, dtype, steps=6)
-    assert len(calls) == 3 * 6  # the 3 matrices, every step
-    monkeypatch.setattr(native, "update_sf_factored", lambda *a, **k: False)
+    # every step: the 3 matrices, and the 1-D tensor (full second moment); unfactored, all 4 with the full one
+    assert calls == ({"update_sf_factored": 0, "update_sf_full": 4 * 6} if options.get("factored") is False
+                     else {"update_sf_factored": 3 * 6, "update_sf_full": 6})
+    for name in calls:
+        monkeypatch.setattr(native, name, lambda *a, **k: False)
     pb, ob = run("compiled", options, dtype, steps=6)
     for a, b in zip(pa, pb):
         for x, y in ((a, b), (oa.state[a]["z"], ob.state[b]["z"])):
