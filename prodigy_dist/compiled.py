@@ -27,7 +27,7 @@ Passes over memory per parameter of a 2-D tensor (fp32; bf16 halves every figure
   step walk z again. It costs 4/11 B/param of memory (2/11 in bf16) and saves the walk over z.
   Prodigy mode writes the first moment in the RMS pass and reads it in the update pass; ``factored=False`` does
   the same with the full second moment; ``eps=None`` (Adam-atan2) has no RMS pass.
-  Other bf16 storage with stochastic rounding on a CPU (unfactored, Prodigy mode): the update pass writes each
+  Other bf16 storage with stochastic rounding on a CPU (Prodigy mode): the update pass writes each
   chunk's fp32 results (at most TABLE_SIZE elements of y and z: 8 MB, reused) into a buffer that stays in cache,
   and a native kernel rounds them into the bf16 storage with the noise table (inductor's CPU code turns the bit
   casts of the rounding into scalar loops, which made that pass five times slower than rounding to nearest).

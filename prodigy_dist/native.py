@@ -13,7 +13,7 @@
   again as the walk's memory reads: 25.5 -> 22.2 ms for the fp32 matrices of GPT-2 124M, 2 threads). The
   compiled alternative, a separate kernel over strided views, reads g and x again.
 * :func:`stochastic_round_` -- the stochastic rounding of the bf16 update's results (fp32 bits plus noise,
-  truncated) where the update pass is compiled (unfactored tensors, Prodigy mode). Inductor's CPU code scalarises
+  truncated) where the update pass is compiled (Prodigy mode). Inductor's CPU code scalarises
   the bit casts it needs, which made the bf16 update pass five times slower than the same pass rounding to
   nearest; the compiled update writes fp32 results into a small buffer that stays in cache, and this kernel
   rounds them into the bf16 storage.
