@@ -13,14 +13,14 @@
   again as the walk's memory reads: 25.5 -> 22.2 ms for the fp32 matrices of GPT-2 124M, 2 threads). The
   compiled alternative, a separate kernel over strided views, reads g and x again.
 * :func:`stochastic_round_` -- the stochastic rounding of the bf16 update's results (fp32 bits plus noise,
-  truncated) where the update pass is compiled (Prodigy mode). Inductor's CPU code scalarises
-  the bit casts it needs, which made the bf16 update pass five times slower than the same pass rounding to
+  truncated) where the update pass is compiled (Prodigy mode). Inductor's CPU code scalarises the bit casts it
+  needs, which made the bf16 update pass five times slower than the same pass rounding to
   nearest; the compiled update writes fp32 results into a small buffer that stays in cache, and this kernel
   rounds them into the bf16 storage.
 * :func:`update_sf_factored` -- the Schedule-Free update of a factored 2-D tensor (the compiled update pass's
   operations, in fp32; :func:`update_sf_full` the same with the full second moment, ``factored=False``: GPT-2
-  124M, 2 threads, 104 -> 91 ms a step, its statistics pass no longer walking z), which also copies z's new values at the Prodigy sample positions into a compact vector
-  while the row is in cache: the next step's :func:`statistics` reads them there (``compact``) instead of walking
+  124M, 2 threads, 104 -> 91 ms a step, its statistics pass no longer walking z), which also copies z's new
+  values at the Prodigy sample positions into a compact vector while the row is in cache: the next step's :func:`statistics` reads them there (``compact``) instead of walking
   z, 4 of the 24 bytes per parameter the default step read (GPT-2 124M, 2 threads: 0.90-0.93 of the step time
   with the compiled update and the walk). bf16 weights are stored rounded stochastically with the noise table
   (the bits of :mod:`prodigy_dist.rounding`) or to nearest, in the same pass (GPT-2 124M bf16, 2 threads: 1.36x
