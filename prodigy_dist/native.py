@@ -20,8 +20,9 @@
 * :func:`update_sf_factored` -- the Schedule-Free update of a factored 2-D tensor (the compiled update pass's
   operations, in fp32; :func:`update_sf_full` the same with the full second moment, ``factored=False``: GPT-2
   124M, 2 threads, 104 -> 91 ms a step, its statistics pass no longer walking z), which also copies z's new
-  values at the Prodigy sample positions into a compact vector while the row is in cache: the next step's :func:`statistics` reads them there (``compact``) instead of walking
-  z, 4 of the 24 bytes per parameter the default step read (GPT-2 124M, 2 threads: 0.90-0.93 of the step time
+  values at the Prodigy sample positions into a compact vector while the row is in cache: the next step's
+  :func:`statistics` reads them there (``compact``) instead of walking z, 4 of the 24 bytes per parameter the
+  default step read (GPT-2 124M, 2 threads: 0.90-0.93 of the step time
   with the compiled update and the walk). bf16 weights are stored rounded stochastically with the noise table
   (the bits of :mod:`prodigy_dist.rounding`) or to nearest, in the same pass (GPT-2 124M bf16, 2 threads: 1.36x
   fused AdamW's step, 2.6-2.9x with the compiled update and :func:`stochastic_round_`). With eps=None (Adam-atan2)
