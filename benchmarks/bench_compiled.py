@@ -75,10 +75,10 @@ def bytes_per_param(options: dict, dtype: str, native_kernels: bool) -> tuple[in
     sf = options.get("use_schedulefree", True)
     full = not options.get("factored", True)
     stable = options.get("eps", 1e-8) is not None
-    if native_kernels and sf and not full:
+    if native_kernels and sf:
         # one native pass over g; z's samples come compact from the native update of the step before (fp32 or
-        # bf16, eps a number or None; bf16's stochastic rounding also reads 8 B/param of noise from a table that
-        # stays in cache, not counted)
+        # bf16, eps a number or None, factored or not; bf16's stochastic rounding also reads 8 B/param of noise
+        # from a table that stays in cache, not counted)
         read = e
     elif native_kernels:  # phase A, one native pass: g, and the strided walk over z (or y) touches every line
         read = 2 * e
