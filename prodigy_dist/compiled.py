@@ -76,7 +76,7 @@ import torch.fx.experimental._config as _fx_config
 
 from . import kernels, native
 from .kernels import ABS_S, ATAN2_SCALE, DOT, L2SQ, Bucket
-from .rounding import TABLE_SIZE, doubled_table, round_with_noise, table_start
+from .rounding import TABLE_SIZE, doubled_table, round_with_noise, table_starts
 
 logger = logging.getLogger(__name__)
 
@@ -689,17 +689,15 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
     # On one process on a CPU, each tensor's RMS pass runs right before its update pass, which then reads g from
     # the cache (a tensor of a few MB) instead of memory; elsewhere all RMS sums first, for one reduction.
     rms_each = V.stable and b.alone and not _on_gpu(b)
-    if rms_each:
+    if V.stable and not _on_gpu(b):
         rms_k = _kernel("prodigy_rms", _rms_pass, key)
         d_eps = (sc["d"], sc["d"] * b.group["eps"])
-    elif V.stable:
+    if V.stable and not rms_each:
         if _on_gpu(b):
             uu = torch.cat([_kernel("prodigy_rms_list", _rms_list, key + (len(idx),))(
                 [gs[i] for i in idx], [factors[i][0] for i in idx], [factors[i][1] for i in idx],
                 [ms[i] for i in idx], [vs[i] for i in idx], s, V) for idx in _chunks(b, range(n))])
         else:
-            rms_k = _kernel("prodigy_rms", _rms_pass, key)
-            d_eps = (sc["d"], sc["d"] * b.group["eps"])
             uu = torch.stack([_rms(rms_k, g, a, c, m, v, s, V, d_eps)
                               for g, (a, c), m, v in zip(gs, factors, ms, vs)])
         yield [uu]
@@ -725,11 +723,11 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
         a, c = factors[i]
         if rms_each:
             scales[i] = _rms(rms_k, gs[i], a, c, ms[i], vs[i], s, V, d_eps, b.layouts[i].global_numel)
+        if native_update and _native_update(b, i, a, c, s, scales[i], V, stochastic):
+            continue
         z = flat(b.states[i]["z"]) if V.schedulefree else None
         # (detached: dynamo gives nn.Parameter inputs static shapes, which would recompile per shape)
         args = [gs[i], a, ms[i], vs[i], flat(b.params[i].detach()), z]
-        if native_update and _native_update(b, i, a, c, s, scales[i], V, stochastic):
-            continue
         if V.storage not in ("sr", "sr_out"):
             g, a, m, v, y, z = args
             upd(g, a, c, m, v, y, z, scales[i], s, None, None, V, V.stable)
@@ -738,8 +736,7 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
         # is updated in chunks of at most TABLE_SIZE elements, whose noise is one contiguous slice of the table
         # written twice in a row (no gather in the kernel).
         table = doubled_table(b.params[i].device, b.sr_seed)
-        start_y, start_z = (table_start(sc["k"], stream, b.layouts[i].flat_offset, key=b.positions[i])
-                            for stream in (0, 1))
+        start_y, start_z = table_starts(sc["k"], b.layouts[i].flat_offset, key=b.positions[i])
         y_all = args[4]
         row = y_all[0].numel() if y_all.dim() > 1 else 1
         step_rows = max(1, TABLE_SIZE // row)
@@ -772,7 +769,7 @@ def _update_lists(b: Bucket, V: Variant, s, gs, factors, ms, vs, scales, flat) -
     table = starts = None
     if V.storage == "sr":
         table = doubled_table(device, b.sr_seed)
-        starts = torch.tensor([[table_start(b.sc["k"], stream, lay.flat_offset, key=key) for stream in (0, 1)]
+        starts = torch.tensor([table_starts(b.sc["k"], lay.flat_offset, key=key)
                                for lay, key in zip(b.layouts, b.positions)], dtype=torch.int64, device=device)
     for idx in _chunks(b, range(len(b.params))):
         zs = [flat(b.states[i]["z"]) if V.schedulefree else None for i in idx]
@@ -803,7 +800,7 @@ def _native_update(b: Bucket, i: int, a, c, s, scale, V: Variant, stochastic: bo
     noise = None
     if stochastic:
         noise = (doubled_table(y.device, b.sr_seed),
-                 *(table_start(b.sc["k"], stream, layout.flat_offset, key=b.positions[i]) for stream in (0, 1)))
+                 *table_starts(b.sc["k"], layout.flat_offset, key=b.positions[i]))
     samples = (layout.slice_start, out) if out is not None else None
     if V.full:
         done = native.update_sf_full(g, y, z, st["exp_avg_sq"].reshape(g.shape), s, scale, V.decay, samples,
@@ -862,9 +859,9 @@ def _recalled_samples(z: torch.Tensor, start: int) -> torch.Tensor | None:
 def _rms(rms_k: _Kernel, g, a, c, m, v, s, V: Variant, d_eps: tuple[float, float],
          numel: int = 0) -> torch.Tensor:
     """The StableAdamW sum of one tensor, or with ``numel`` (its global element count) the divisor computed from
-    it: the native pass for factored Schedule-Free tensors on a CPU (inductor's reduction runs at half the
-    bandwidth there), else the compiled kernel. ``d_eps``: d and d * eps (the values of s[_D] and s[_EPS_TERM]
-    before their rounding to fp32)."""
+    it: on a CPU the native pass (factored tensors, and Schedule-Free with the full second moment; inductor's
+    reductions run at half the bandwidth there), else the compiled kernel. ``d_eps``: d and d * eps (the values of
+    s[_D] and s[_EPS_TERM] before their rounding to fp32)."""
     if g.device.type == "cpu" and (not V.full or V.schedulefree):
         if V.full:
             out = native.rms_full_sf(g, v, s, numel=numel)

@@ -122,6 +122,47 @@ static inline float round_bf16(float x) {  // round to nearest even, as c10::BFl
 }
 static inline uint16_t bf16_bits(float rounded) { uint32_t b; std::memcpy(&b, &rounded, 4); return uint16_t(b >> 16); }
 
+// Element stores of fp32 values already rounded like the storage.
+static inline void put(float* p, float v) { *p = v; }
+static inline void put(uint16_t* p, float rounded) { *p = bf16_bits(rounded); }
+
+// A moment's exponential average with the roundings of its storage (LOW: bf16) after each operation, as
+// prodigy_dist.compiled._moments: old * beta, then + add.
+template <bool LOW>
+static inline float ema(float old, float beta, float add) {
+  float x = old * beta;
+  if (LOW) x = round_bf16(x);
+  x = x + add;
+  return LOW ? round_bf16(x) : x;
+}
+
+// The denominator of the full second moment v, rounded like its storage (prodigy_dist.compiled._direction):
+// sqrt(v), then + eps (eps already rounded like the storage; none for Adam-atan2).
+template <bool LOW, bool EPS>
+static inline float full_denominator(float v, float eps) {
+  float den = std::sqrt(v);
+  if (LOW) den = round_bf16(den);
+  if (!EPS) return den;
+  den = den + eps;
+  return LOW ? round_bf16(den) : den;
+}
+
+// Whether t is a contiguous CPU tensor of this dtype.
+static inline bool cpu_dense(const torch::Tensor& t, torch::ScalarType type) {
+  return t.scalar_type() == type && t.is_contiguous() && t.device().is_cpu();
+}
+
+// sum over [0, n) of part(begin, end): each thread's parts added in double, then the threads' totals.
+template <typename F>
+static double parallel_sum(int64_t n, int64_t grain, const F& part) {
+  std::vector<double> per_thread(at::get_num_threads(), 0.0);
+  double* out = per_thread.data();
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { out[at::get_thread_num()] += part(begin, end); });
+  double total = 0.0;
+  for (double s : per_thread) total += s;
+  return total;
+}
+
 // The Prodigy samples of a tensor sit at flat indices start + 11 n: the first one at or after flat index `first`,
 // and how many a tensor of `numel` elements holds.
 static inline int64_t first_sample(int64_t first, int64_t start) {
@@ -387,22 +428,15 @@ static inline float row_update_squares(const T* __restrict row, const float* __r
 
 template <typename T>
 static double rms_rows(const T* g, const float* a, const float* c, int64_t rows, int64_t cols, float d, float e) {
-  std::vector<double> per_thread(at::get_num_threads(), 0.0);
-  double* out = per_thread.data();
-  at::parallel_for(0, rows, 16, [=](int64_t begin, int64_t end) {
+  return parallel_sum(rows, 16, [=](int64_t begin, int64_t end) {
     double s = 0.0;
     for (int64_t i = begin; i < end; ++i) s += row_update_squares(g + i * cols, c, a[i], d, e, cols);
-    out[at::get_thread_num()] += s;
+    return s;
   });
-  double total = 0.0;
-  for (double s : per_thread) total += s;
-  return total;
 }
 
 // Prodigy mode (no Schedule-Free): the new first moment m <- beta1 m + (1 - beta1) d g, rounded like its storage at
 // each operation (prodigy_dist.compiled._moments), stored in place, and the row's sum of (m / (a c_j + e))^2.
-static inline void put(float* p, float v) { *p = v; }
-static inline void put(uint16_t* p, float rounded) { *p = bf16_bits(rounded); }
 template <typename T>
 static inline float row_moment_squares(const T* __restrict g, T* __restrict m, const float* __restrict c, float a,
                                        float beta1, float m_alpha, float e, int64_t cols) {
@@ -410,10 +444,7 @@ static inline float row_moment_squares(const T* __restrict g, T* __restrict m, c
   float s = 0.f;
   #pragma omp simd reduction(+:s)
   for (int64_t j = 0; j < cols; ++j) {
-    float mn = as_float(m[j]) * beta1;
-    if (low) mn = round_bf16(mn);
-    mn = mn + as_float(g[j]) * m_alpha;
-    if (low) mn = round_bf16(mn);
+    const float mn = ema<low>(as_float(m[j]), beta1, as_float(g[j]) * m_alpha);
     put(m + j, mn);
     const float u = mn / (a * c[j] + e);
     s += u * u;
@@ -424,17 +455,12 @@ static inline float row_moment_squares(const T* __restrict g, T* __restrict m, c
 template <typename T>
 static double rms_moment_rows(const T* g, T* m, const float* a, const float* c, int64_t rows, int64_t cols,
                               float beta1, float m_alpha, float e) {
-  std::vector<double> per_thread(at::get_num_threads(), 0.0);
-  double* out = per_thread.data();
-  at::parallel_for(0, rows, 16, [=](int64_t begin, int64_t end) {
+  return parallel_sum(rows, 16, [=](int64_t begin, int64_t end) {
     double s = 0.0;
     for (int64_t i = begin; i < end; ++i)
       s += row_moment_squares(g + i * cols, m + i * cols, c, a[i], beta1, m_alpha, e, cols);
-    out[at::get_thread_num()] += s;
+    return s;
   });
-  double total = 0.0;
-  for (double s : per_thread) total += s;
-  return total;
 }
 
 // The sum of squares as a 0-dim fp32 tensor, or with numel > 0 StableAdamW's divisor sqrt(max(sqrt(sum / numel),
@@ -451,13 +477,12 @@ static torch::Tensor sum_or_divisor(double total, int64_t numel, const torch::Te
 torch::Tensor rms_prodigy_factored(torch::Tensor g, torch::Tensor m, torch::Tensor a, torch::Tensor c,
                                    torch::Tensor k, int64_t numel) {
   const auto dtype = g.scalar_type();
-  auto ok = [](const torch::Tensor& t, torch::ScalarType type) {
-    return t.scalar_type() == type && t.is_contiguous() && t.device().is_cpu();
-  };
-  TORCH_CHECK((dtype == torch::kFloat || dtype == torch::kBFloat16) && g.dim() == 2 && ok(g, dtype) &&
-              ok(m, dtype) && m.sizes() == g.sizes(), "g, m: contiguous fp32 or bf16 CPU tensors of one 2-D shape");
-  TORCH_CHECK(ok(a, torch::kFloat) && ok(c, torch::kFloat) && ok(k, torch::kFloat) && a.numel() == g.size(0) &&
-              c.numel() == g.size(1) && k.numel() >= 4, "a, c: fp32 factors of g's rows and columns; k: scalars");
+  TORCH_CHECK((dtype == torch::kFloat || dtype == torch::kBFloat16) && g.dim() == 2 && cpu_dense(g, dtype) &&
+              cpu_dense(m, dtype) && m.sizes() == g.sizes(),
+              "g, m: contiguous fp32 or bf16 CPU tensors of one 2-D shape");
+  TORCH_CHECK(cpu_dense(a, torch::kFloat) && cpu_dense(c, torch::kFloat) && cpu_dense(k, torch::kFloat) &&
+              a.numel() == g.size(0) && c.numel() == g.size(1) && k.numel() >= 4,
+              "a, c: fp32 factors of g's rows and columns; k: scalars");
   const int64_t rows = g.size(0), cols = g.size(1);
   const float* kp = k.data_ptr<float>();
   double total;
@@ -479,9 +504,7 @@ template <typename T>
 static double rms_full_elements(const T* g, T* v, int64_t n, const float* k) {
   constexpr bool low = sizeof(T) == 2;
   const float d = k[0], beta2 = k[4], v_alpha = k[5], eps = low ? round_bf16(k[1]) : k[1];
-  std::vector<double> per_thread(at::get_num_threads(), 0.0);
-  double* out = per_thread.data();
-  at::parallel_for(0, n, 1 << 14, [=](int64_t begin, int64_t end) {
+  return parallel_sum(n, 1 << 14, [=](int64_t begin, int64_t end) {
     const T* __restrict gp = g;
     T* __restrict vp = v;
     double total = 0.0;
@@ -491,35 +514,22 @@ static double rms_full_elements(const T* g, T* v, int64_t n, const float* k) {
       #pragma omp simd reduction(+:s)
       for (int64_t j = b0; j < b1; ++j) {
         const float gv = as_float(gp[j]);
-        float vn = as_float(vp[j]) * beta2;
-        if (low) vn = round_bf16(vn);
-        vn = vn + (gv * gv) * v_alpha;
-        if (low) vn = round_bf16(vn);
+        const float vn = ema<low>(as_float(vp[j]), beta2, (gv * gv) * v_alpha);
         put(vp + j, vn);
-        float den = std::sqrt(vn);
-        if (low) den = round_bf16(den);
-        den = den + eps;
-        if (low) den = round_bf16(den);
-        const float u = (gv * d) / den;
+        const float u = (gv * d) / full_denominator<low, true>(vn, eps);
         s += u * u;
       }
       total += s;
     }
-    out[at::get_thread_num()] += total;
+    return total;
   });
-  double total = 0.0;
-  for (double s : per_thread) total += s;
-  return total;
 }
 
 torch::Tensor rms_full_sf(torch::Tensor g, torch::Tensor v, torch::Tensor k, int64_t numel) {
   const auto dtype = g.scalar_type();
-  auto ok = [](const torch::Tensor& t, torch::ScalarType type) {
-    return t.scalar_type() == type && t.is_contiguous() && t.device().is_cpu();
-  };
-  TORCH_CHECK((dtype == torch::kFloat || dtype == torch::kBFloat16) && ok(g, dtype) && ok(v, dtype) &&
-              v.numel() == g.numel(), "g, v: contiguous fp32 or bf16 CPU tensors of one size");
-  TORCH_CHECK(ok(k, torch::kFloat) && k.numel() >= 6, "k: the step's scalars");
+  TORCH_CHECK((dtype == torch::kFloat || dtype == torch::kBFloat16) && cpu_dense(g, dtype) &&
+              cpu_dense(v, dtype) && v.numel() == g.numel(), "g, v: contiguous fp32 or bf16 CPU tensors of one size");
+  TORCH_CHECK(cpu_dense(k, torch::kFloat) && k.numel() >= 6, "k: the step's scalars");
   double total;
   if (dtype == torch::kFloat) {
     total = rms_full_elements<float>(g.data_ptr<float>(), v.data_ptr<float>(), g.numel(), k.data_ptr<float>());
@@ -626,18 +636,10 @@ static inline void update_row(const T* __restrict g, T* __restrict y, T* __restr
     if (FULL) {
       float vn = as_float(v[j]);
       if (!STABLE) {
-        vn = vn * beta2;
-        if (low) vn = round_bf16(vn);
-        vn = vn + (gv * gv) * v_alpha;
-        if (low) vn = round_bf16(vn);
+        vn = ema<low>(vn, beta2, (gv * gv) * v_alpha);
         put(v + j, vn);
       }
-      den = std::sqrt(vn);
-      if (low) den = round_bf16(den);
-      if (!ATAN2) {
-        den = den + eps_full;
-        if (low) den = round_bf16(den);
-      }
+      den = full_denominator<low, !ATAN2>(vn, eps_full);
     } else {
       den = ATAN2 ? a * c[j] : a * c[j] + eps;
     }
@@ -699,19 +701,17 @@ void update_sf(torch::Tensor g, torch::Tensor y, torch::Tensor z, c10::optional<
                c10::optional<torch::Tensor> zs, c10::optional<torch::Tensor> table, int64_t start_y,
                int64_t start_z) {
   const auto dtype = g.scalar_type();
-  auto ok = [](const torch::Tensor& t, torch::ScalarType type) {
-    return t.scalar_type() == type && t.is_contiguous() && t.device().is_cpu();
-  };
-  TORCH_CHECK((dtype == torch::kFloat || dtype == torch::kBFloat16) && g.dim() == 2 && ok(g, dtype) &&
-              ok(y, dtype) && ok(z, dtype) && y.sizes() == g.sizes() && z.sizes() == g.sizes(),
+  TORCH_CHECK((dtype == torch::kFloat || dtype == torch::kBFloat16) && g.dim() == 2 && cpu_dense(g, dtype) &&
+              cpu_dense(y, dtype) && cpu_dense(z, dtype) && y.sizes() == g.sizes() && z.sizes() == g.sizes(),
               "g, y, z: contiguous fp32 or bf16 CPU tensors of one 2-D shape and dtype");
   const auto f32 = torch::kFloat;
   const bool full = v.has_value();
-  TORCH_CHECK(full ? (ok(*v, dtype) && v->sizes() == g.sizes()) :
-              (a.has_value() && c.has_value() && ok(*a, f32) && ok(*c, f32) && a->numel() == g.size(0) &&
-               c->numel() == g.size(1)), "v: g's shape and dtype; or a, c: fp32 factors of g's rows and columns");
-  TORCH_CHECK(ok(k, f32) && k.numel() >= 12, "k: the step's scalars");
-  TORCH_CHECK(!scale.has_value() || (ok(*scale, f32) && scale->numel() == 1), "scale: one fp32 value");
+  TORCH_CHECK(full ? (cpu_dense(*v, dtype) && v->sizes() == g.sizes()) :
+              (a.has_value() && c.has_value() && cpu_dense(*a, f32) && cpu_dense(*c, f32) &&
+               a->numel() == g.size(0) && c->numel() == g.size(1)),
+              "v: g's shape and dtype; or a, c: fp32 factors of g's rows and columns");
+  TORCH_CHECK(cpu_dense(k, f32) && k.numel() >= 12, "k: the step's scalars");
+  TORCH_CHECK(!scale.has_value() || (cpu_dense(*scale, f32) && scale->numel() == 1), "scale: one fp32 value");
   TORCH_CHECK(decay >= 0 && decay <= 2, "decay: 0, 1 or 2");
   TORCH_CHECK(!(atan2 && scale.has_value()), "atan2 (eps=None) has no StableAdamW scale");
   const int64_t rows = g.size(0), cols = g.size(1), numel = rows * cols;
@@ -719,14 +719,14 @@ void update_sf(torch::Tensor g, torch::Tensor y, torch::Tensor z, c10::optional<
   int64_t table_size = 0;
   if (table.has_value()) {
     table_size = table->numel() / 2;
-    TORCH_CHECK(dtype == torch::kBFloat16 && ok(*table, torch::kInt) && cols <= table_size && start_y >= 0 &&
-                start_z >= 0 && start_y < table_size && start_z < table_size,
+    TORCH_CHECK(dtype == torch::kBFloat16 && cpu_dense(*table, torch::kInt) && cols <= table_size &&
+                start_y >= 0 && start_z >= 0 && start_y < table_size && start_z < table_size,
                 "table: the doubled int32 noise table (bf16 only, rows no longer than the table, starts in it)");
     table_ptr = table->data_ptr<int32_t>();
   }
   void* zs_ptr = nullptr;
   if (start >= 0) {
-    TORCH_CHECK(zs.has_value() && ok(*zs, dtype) && zs->numel() == sample_count(numel, start),
+    TORCH_CHECK(zs.has_value() && cpu_dense(*zs, dtype) && zs->numel() == sample_count(numel, start),
                 "zs: contiguous, g's dtype, one value per sample");
     zs_ptr = zs->data_ptr();
   }
@@ -865,7 +865,7 @@ def _load():
                 flags = _ISA_FLAGS.get(isa, [])
                 logger.info("loading the native CPU kernels (%s); the first use on a machine builds them, ~20 s",
                             isa)
-                _module = load_inline(name=f"prodigy_dist_native_v21_{isa.lower() if flags else 'base'}",
+                _module = load_inline(name=f"prodigy_dist_native_v22_{isa.lower() if flags else 'base'}",
                                       cpp_sources=[_SOURCE],
                                       functions=["statistics", "rms_factored", "stochastic_round_",
                                                  "update_sf", "atan2_fast_", "factors_",
@@ -993,10 +993,10 @@ def update_sf_factored(g: torch.Tensor, y: torch.Tensor, z: torch.Tensor, a: tor
     square roots of the factors per row and per column; ``scalars``: compiled._scalars; ``scale``: StableAdamW's
     divisor or None; ``decay``: "none", "by_lr" or "raw"; ``atan2``: Adam-atan2, eps=None, with :func:`atan2`'s
     arctangent). bf16 results are rounded to nearest even, or with ``noise = (table, start_y, start_z)``
-    stochastically as prodigy_dist.rounding does (``table``: rounding.doubled_table; the starts: rounding.table_start
-    of the y and z streams at the piece's flat offset). With ``samples = (start, out)``, z's new values at flat
-    indices start + 11 n are written to ``out`` (g's dtype, one per sample) for the next step's statistics. False
-    (nothing written) when it does not apply or the kernels could not be built."""
+    stochastically as prodigy_dist.rounding does (``table``: rounding.doubled_table; the starts:
+    rounding.table_starts of the y and z streams at the piece's flat offset). With ``samples = (start, out)``, z's
+    new values at flat indices start + 11 n are written to ``out`` (g's dtype, one per sample) for the next step's
+    statistics. False (nothing written) when it does not apply or the kernels could not be built."""
     if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in (a, c)):
         return False
     return _update_sf(g, y, z, a, c, None, scalars, scale, decay, samples, atan2, noise)

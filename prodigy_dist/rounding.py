@@ -46,6 +46,11 @@ def table_start(step: int, stream: int, flat_offset: int, *, key: int) -> int:
     return (_mix(step, stream, key) + flat_offset) % TABLE_SIZE
 
 
+def table_starts(step: int, flat_offset: int, *, key: int) -> tuple[int, int]:
+    """:func:`table_start` of the parameter's stream (0) and of z's (1)."""
+    return table_start(step, 0, flat_offset, key=key), table_start(step, 1, flat_offset, key=key)
+
+
 _doubled: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
