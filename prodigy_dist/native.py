@@ -801,10 +801,9 @@ std::vector<torch::Tensor> factors_(std::vector<torch::Tensor> rs, std::vector<t
 
 // out <- atan2_fast(y, x) (fp32, contiguous, one size): the update's atan2, for its tests.
 void atan2_fast_(torch::Tensor out, torch::Tensor y, torch::Tensor x) {
-  auto ok = [&](const torch::Tensor& t) {
-    return t.scalar_type() == torch::kFloat && t.is_contiguous() && t.device().is_cpu() && t.numel() == out.numel();
-  };
-  TORCH_CHECK(ok(out) && ok(y) && ok(x), "out, y, x: contiguous fp32 CPU tensors of one size");
+  TORCH_CHECK(cpu_dense(out, torch::kFloat) && cpu_dense(y, torch::kFloat) && cpu_dense(x, torch::kFloat) &&
+              y.numel() == out.numel() && x.numel() == out.numel(),
+              "out, y, x: contiguous fp32 CPU tensors of one size");
   const float* __restrict yp = y.data_ptr<float>();
   const float* __restrict xp = x.data_ptr<float>();
   float* __restrict op = out.data_ptr<float>();
@@ -865,7 +864,7 @@ def _load():
                 flags = _ISA_FLAGS.get(isa, [])
                 logger.info("loading the native CPU kernels (%s); the first use on a machine builds them, ~20 s",
                             isa)
-                _module = load_inline(name=f"prodigy_dist_native_v22_{isa.lower() if flags else 'base'}",
+                _module = load_inline(name=f"prodigy_dist_native_v23_{isa.lower() if flags else 'base'}",
                                       cpp_sources=[_SOURCE],
                                       functions=["statistics", "rms_factored", "stochastic_round_",
                                                  "update_sf", "atan2_fast_", "factors_",
