@@ -163,6 +163,16 @@ static double parallel_sum(int64_t n, int64_t grain, const F& part) {
   return total;
 }
 
+// Software prefetch of the `bytes` bytes that lie kPrefetchAhead bytes after p, into L1 (prefetches never fault, also
+// past the end of a tensor). Issued once per row, they keep more lines in flight than the hardware prefetcher
+// alone: the native statistics pass over the fp32 matrices of a 20M-parameter GPT, cold: 2.6 -> 2.15 ms (g.sum()
+// 1.7-2.0 ms on the same data); 1-4 KB ahead gained less, 8-64 KB the same.
+static constexpr int64_t kPrefetchAhead = 8192;
+static inline void prefetch_ahead(const void* p, int64_t bytes) {
+  const char* q = static_cast<const char*>(p) + kPrefetchAhead;
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(q + o, 0, 3);
+}
+
 // The Prodigy samples of a tensor sit at flat indices start + 11 n: the first one at or after flat index `first`,
 // and how many a tensor of `numel` elements holds.
 static inline int64_t first_sample(int64_t first, int64_t start) {
@@ -355,7 +365,10 @@ static void row_col(const T* g, int64_t rows, int64_t cols, float* row_out, floa
       const int64_t b1 = std::min(b0 + block, rows);
       int64_t i = b0;
 #ifdef PRODIGY_DIST_SAMPLES16
-      for (; i < b1; ++i) row_out[i] = row_squares16(g + i * cols, acc, cols);
+      for (; i < b1; ++i) {
+        prefetch_ahead(g + i * cols, cols * int64_t(sizeof(T)));
+        row_out[i] = row_squares16(g + i * cols, acc, cols);
+      }
 #endif
       for (; i + 4 <= b1; i += 4)
         rows4_squares(g + i * cols, g + (i + 1) * cols, g + (i + 2) * cols, g + (i + 3) * cols, acc, cols,
@@ -864,7 +877,7 @@ def _load():
                 flags = _ISA_FLAGS.get(isa, [])
                 logger.info("loading the native CPU kernels (%s); the first use on a machine builds them, ~20 s",
                             isa)
-                _module = load_inline(name=f"prodigy_dist_native_v23_{isa.lower() if flags else 'base'}",
+                _module = load_inline(name=f"prodigy_dist_native_v27_{isa.lower() if flags else 'base'}",
                                       cpp_sources=[_SOURCE],
                                       functions=["statistics", "rms_factored", "stochastic_round_",
                                                  "update_sf", "atan2_fast_", "factors_",
