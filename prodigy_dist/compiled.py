@@ -243,18 +243,21 @@ def _probe(x):
     return x * 2 + 1
 
 
-def choose(b: Bucket, fast_path: str, total_params: Callable[[], int], alone: bool) -> bool:
+def choose(b: Bucket, fast_path: str, total_params: Callable[[], int], alone: bool, packable: bool = False) -> bool:
     """Whether bucket ``b`` runs the compiled kernels.
 
     ``"eager"``: never. ``"compiled"``: every supported bucket. ``"auto"``: supported buckets, except, on one process,
     the buckets of small tensors (they stay in the eager kernels, packed where they can be: one compiled call per
     tensor costs more than it saves there), and, on a CPU, except when the optimizer holds fewer than
-    AUTO_CPU_MIN_PARAMS parameters (compile time would not pay off). A packed bucket (prodigy_dist.packing) is never
-    compiled: its flat eager kernels cost a few passes over its elements.
+    AUTO_CPU_MIN_PARAMS parameters (compile time would not pay off). A bucket that can be packed
+    (``packable``, prodigy_dist.packing) runs the packed eager kernels, a few passes over its elements, unless every
+    piece takes the native list kernels (:func:`_listed`: a CPU, small unfactored Schedule-Free pieces), one call
+    per pass for all of them. A packed bucket is never compiled.
     """
     if fast_path == "eager" or b.pack is not None:
         return False
-    if variant(b) is None:
+    V = variant(b)
+    if V is None:
         # options the compiled kernels do not take are documented; a tensor's memory layout would be a surprise
         obstacle = _tensor_obstacle(b)
         if obstacle is not None and obstacle not in _obstacles_logged:
@@ -263,10 +266,12 @@ def choose(b: Bucket, fast_path: str, total_params: Callable[[], int], alone: bo
                         "(logged once)", len(b.params), obstacle)
         return False
     device = b.params[0].device
-    if fast_path == "auto":
-        if alone and b.scratch is None:
-            return False
-        if device.type == "cpu" and total_params() < AUTO_CPU_MIN_PARAMS:
+    if fast_path == "auto" and device.type == "cpu" and total_params() < AUTO_CPU_MIN_PARAMS:
+        return False
+    if packable or (fast_path == "auto" and alone and b.scratch is None):
+        lists = V.full and V.schedulefree and V.storage in ("fp32", "sr", "rne") \
+            and len(_listed(b)) == len(b.params)
+        if not lists:
             return False
     return available(device)
 
@@ -535,11 +540,20 @@ def _oriented(rows: torch.Tensor, cols: torch.Tensor, dr: int) -> tuple[torch.Te
     return (cols, rows) if dr == 0 else (rows, cols)
 
 
-def _sq_norms(b: Bucket) -> list[torch.Tensor]:
-    """Sums of g^2 of an unfactored bucket: for 2-D pieces on a CPU, from the native pass, which computes their
-    Prodigy statistics in the same read of g (the column sums it also returns are not needed here)."""
+def _sq_norms(b: Bucket) -> list[torch.Tensor] | torch.Tensor:
+    """Sums of g^2 of an unfactored bucket: for its small tensors on a CPU from one native call over the list
+    (:func:`_listed`), for 2-D pieces on a CPU from the native pass; both compute the Prodigy statistics in the same
+    read of g (the column sums the native pass also returns are not needed here)."""
+    listed = _listed(b)
+    if len(listed) == len(b.grads):
+        return _list_statistics(b, listed, every=True)
     out: list[torch.Tensor | None] = [None] * len(b.grads)
+    if listed:
+        for i, t in zip(listed, _list_statistics(b, listed, every=False).unbind(0)):
+            out[i] = t
     for i, g in enumerate(b.grads):
+        if out[i] is not None:
+            continue
         sums = _native_pass(b, i) if g.dim() == 2 else None
         if sums is not None:
             out[i] = sums[0].sum()
@@ -549,6 +563,40 @@ def _sq_norms(b: Bucket) -> list[torch.Tensor]:
         for i, t in zip(rest, norms):
             out[i] = t.square()
     return out
+
+
+#: On a CPU, the tensors of an unfactored bucket with fewer elements than this (norm weights, biases) take native
+#: kernels over the whole list, one call per pass (:func:`native.statistics_list`, :func:`native.rms_full_sf_list`,
+#: :func:`native.update_sf_full_list`): a call per tensor and pass costs more than a small tensor's arithmetic.
+LIST_MAX = 1 << 16
+
+
+def _listed(b: Bucket) -> list[int]:
+    """The pieces of bucket ``b`` that take the native list kernels (CPU, unfactored, fewer than LIST_MAX
+    elements, the kernels built)."""
+    if b.kind != "full" or _on_gpu(b) or not native.available():
+        return []
+    return [i for i, g in enumerate(b.grads) if g.numel() < LIST_MAX]
+
+
+def _list_statistics(b: Bucket, listed: list[int], every: bool) -> torch.Tensor:
+    """The sums of g^2 of the pieces ``listed`` from one native call (a vector), which also computes their Prodigy
+    statistics: into ``b.prodigy_rows`` if ``every`` piece of the bucket is listed, else into ``b.prodigy_parts``."""
+    sc, states = b.sc, b.states
+    sample = None
+    if sc["prodigy_active"] and not sc["adopt_first"] and all("p0" in states[i] for i in listed):
+        speed = b.group["use_speed"]
+        sample = ([kernels.prodigy_data(b, i) for i in listed], [states[i]["p0"] for i in listed],
+                  None if speed else [states[i]["s"] for i in listed], [b.layouts[i].slice_start for i in listed],
+                  sc["beta3"], sc["delta"])
+    sq, sums, s_new = native.statistics_list([b.grads[i] for i in listed], sample)
+    if sample is not None:
+        if every:
+            b.prodigy_rows = (sums, s_new)
+        else:
+            for j, (i, row) in enumerate(zip(listed, sums.unbind(0))):
+                b.prodigy_parts[i] = (row, s_new[j] if s_new is not None else None)
+    return sq
 
 
 def _native_pass(b: Bucket, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -583,6 +631,16 @@ def _prodigy_sample(b: Bucket, stats: torch.Tensor) -> None:
     one fused kernel per tensor over its sampled slice."""
     sc, group = b.sc, b.group
     speed = group["use_speed"]
+    if b.prodigy_rows is not None:  # every piece's, from one native call (_list_statistics)
+        sums, s_new = b.prodigy_rows
+        data_dtype = kernels.prodigy_data(b, 0).dtype
+        stats[:, DOT] = sums[:, 0] if data_dtype == torch.float32 else sums[:, 0].to(data_dtype).float()
+        stats[:, ABS_S] = sums[:, 1]
+        if speed:
+            stats[:, L2SQ] = sums[:, 2]
+        else:
+            b.s_new = s_new
+        return
     sv = torch.tensor([sc["beta3"], sc["delta"]], dtype=torch.float32, device=stats.device)
     outs: list = [None] * len(b.params)
     rest = []
@@ -682,27 +740,54 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
     else:
         flat = lambda t: t  # noqa: E731
         factors = _factors(b)
-    ms = [flat(st["exp_avg"]) if not V.schedulefree else None for st in b.states]
-    vs = [flat(st["exp_avg_sq"]) if V.full else None for st in b.states]
-    gs = [flat(g) for g in b.grads]
+    # small unfactored Schedule-Free pieces on a CPU: native kernels over the whole list, one call per pass; the
+    # others ("rest") one by one
+    listed = _listed(b) if V.full and V.schedulefree and V.storage in ("fp32", "sr", "rne") else []
+    in_list = set(listed)
+    rest = [i for i in range(n) if i not in in_list] if listed else range(n)
+    ms: list = [None] * n
+    vs: list = [None] * n
+    gs: list = [None] * n
+    for i in rest:
+        st = b.states[i]
+        if not V.schedulefree:
+            ms[i] = flat(st["exp_avg"])
+        if V.full:
+            vs[i] = flat(st["exp_avg_sq"])
+        gs[i] = flat(b.grads[i])
     scales: list[torch.Tensor | None] = [None] * n
     # On one process on a CPU, each tensor's RMS pass runs right before its update pass, which then reads g from
     # the cache (a tensor of a few MB) instead of memory; elsewhere all RMS sums first, for one reduction.
     rms_each = V.stable and b.alone and not _on_gpu(b)
+    list_scales = None
     if V.stable and not _on_gpu(b):
         rms_k = _kernel("prodigy_rms", _rms_pass, key)
         d_eps = (sc["d"], sc["d"] * b.group["eps"])
+    if V.stable and listed:  # (writes v)
+        list_uu = native.rms_full_sf_list([b.grads[i] for i in listed], [b.states[i]["exp_avg_sq"] for i in listed],
+                                          s)
     if V.stable and not rms_each:
         if _on_gpu(b):
             uu = torch.cat([_kernel("prodigy_rms_list", _rms_list, key + (len(idx),))(
                 [gs[i] for i in idx], [factors[i][0] for i in idx], [factors[i][1] for i in idx],
                 [ms[i] for i in idx], [vs[i] for i in idx], s, V) for idx in _chunks(b, range(n))])
+        elif listed:
+            uu = torch.empty(n, dtype=torch.float32)
+            uu[listed] = list_uu
+            if rest:
+                uu[rest] = torch.stack([_rms(rms_k, gs[i], *factors[i], ms[i], vs[i], s, V, d_eps) for i in rest])
         else:
             uu = torch.stack([_rms(rms_k, g, a, c, m, v, s, V, d_eps)
                               for g, (a, c), m, v in zip(gs, factors, ms, vs)])
         yield [uu]
         numels = torch.tensor([lay.global_numel for lay in b.layouts], dtype=torch.float32, device=uu.device)
-        scales = list(_stable_scales(uu, numels).unbind(0))
+        all_scales = _stable_scales(uu, numels)
+        scales = list(all_scales.unbind(0))
+        if listed:
+            list_scales = all_scales[listed]
+    elif V.stable and listed:
+        list_scales = _stable_scales(list_uu, torch.tensor([b.layouts[i].global_numel for i in listed],
+                                                           dtype=torch.float32))
 
     if not sc["prodigy_active"]:
         for st in b.states:
@@ -713,13 +798,15 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
         _update_lists(b, V, s, gs, factors, ms, vs, scales, flat)
         return
     # on a CPU from here
+    if listed:
+        _update_listed(b, listed, V, s, list_scales)
     stochastic = V.storage == "sr"
     native_update = V.schedulefree and V.storage in ("fp32", "sr", "rne")
     native_sr = stochastic and native.available()
     if native_sr:  # the kernel writes fp32 results into a buffer in cache, native.stochastic_round_ stores them
         V = V._replace(storage="sr_out")
     upd = _kernel("prodigy_update", _update_pass, tuple(V) + (V.stable,))
-    for i in range(n):
+    for i in rest:
         a, c = factors[i]
         if rms_each:
             scales[i] = _rms(rms_k, gs[i], a, c, ms[i], vs[i], s, V, d_eps, b.layouts[i].global_numel)
@@ -755,6 +842,21 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
                 if target is not None and not native.stochastic_round_(target, result, noise):
                     raise RuntimeError("internal error: the native stochastic rounding refused contiguous CPU "
                                        "chunks; please report this")
+
+
+def _update_listed(b: Bucket, listed: list[int], V: Variant, s: torch.Tensor, scales: torch.Tensor | None) -> None:
+    """The native update of the small pieces ``listed`` (:func:`_listed`) in one call (``scales``: their
+    StableAdamW divisors, or None)."""
+    noise = None
+    if V.storage == "sr":
+        starts = [table_starts(b.sc["k"], b.layouts[i].flat_offset, key=b.positions[i]) for i in listed]
+        noise = (doubled_table(b.params[0].device, b.sr_seed), [y for y, _ in starts], [z for _, z in starts])
+    states = b.states
+    if not native.update_sf_full_list([b.grads[i] for i in listed], [b.params[i] for i in listed],
+                                      [states[i]["z"] for i in listed], [states[i]["exp_avg_sq"] for i in listed], s,
+                                      scales, V.decay, atan2=V.atan2, noise=noise):
+        raise RuntimeError("internal error: the native kernels are built but refused the update of small tensors; "
+                           "please report this (PRODIGY_DIST_NATIVE=0 in the environment avoids them)")
 
 
 def _stable_scales(uu: torch.Tensor, numels) -> torch.Tensor:

@@ -106,6 +106,9 @@ class Bucket:
     # piece -> its Prodigy statistics, if the factored statistics pass computed them (prodigy_dist.native):
     # ([dot, sum|s_new| or SPEED's L1, SPEED's L2^2], s_new or None)
     prodigy_parts: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    # or, when one native call computed them for every piece of the bucket (its small tensors): the (n, 3) sums
+    # and the new s per piece (None with SPEED)
+    prodigy_rows: tuple[torch.Tensor, list[torch.Tensor] | None] | None = None
 
 
 def sample(t: torch.Tensor, layout: ParamLayout) -> torch.Tensor:
@@ -135,7 +138,7 @@ def statistics(b: Bucket, row_col=None, prodigy_sample=None, sq_norms=None) -> l
     stats = torch.zeros(n, N_STATS, dtype=torch.float32, device=device)
     to_reduce: list[torch.Tensor] = []
     gsq: list[torch.Tensor] = []
-    b.row_parts, b.col_parts, b.prodigy_parts = [], [], {}
+    b.row_parts, b.col_parts, b.prodigy_parts, b.prodigy_rows = [], [], {}, None
     if b.kind == "factored":
         b.r_sums = {}
         for i, (g, (dr, dc), layout, st) in enumerate(zip(b.grads, b.dims, b.layouts, b.states)):

@@ -514,28 +514,30 @@ torch::Tensor rms_prodigy_factored(torch::Tensor g, torch::Tensor m, torch::Tens
 // sum of (d g / (sqrt(v) + d eps))^2, each operation rounded like the storage (prodigy_dist.compiled._moments and
 // _direction). g, v: contiguous, flat.
 template <typename T>
-static double rms_full_elements(const T* g, T* v, int64_t n, const float* k) {
+static double rms_full_part(const T* __restrict gp, T* __restrict vp, int64_t begin, int64_t end,
+                            const float* k) {
   constexpr bool low = sizeof(T) == 2;
   const float d = k[0], beta2 = k[4], v_alpha = k[5], eps = low ? round_bf16(k[1]) : k[1];
-  return parallel_sum(n, 1 << 14, [=](int64_t begin, int64_t end) {
-    const T* __restrict gp = g;
-    T* __restrict vp = v;
-    double total = 0.0;
-    for (int64_t b0 = begin; b0 < end; b0 += 4096) {  // fp32 sums over chunks of 4096, added in double
-      const int64_t b1 = std::min(end, b0 + 4096);
-      float s = 0.f;
-      #pragma omp simd reduction(+:s)
-      for (int64_t j = b0; j < b1; ++j) {
-        const float gv = as_float(gp[j]);
-        const float vn = ema<low>(as_float(vp[j]), beta2, (gv * gv) * v_alpha);
-        put(vp + j, vn);
-        const float u = (gv * d) / full_denominator<low, true>(vn, eps);
-        s += u * u;
-      }
-      total += s;
+  double total = 0.0;
+  for (int64_t b0 = begin; b0 < end; b0 += 4096) {  // fp32 sums over chunks of 4096, added in double
+    const int64_t b1 = std::min(end, b0 + 4096);
+    float s = 0.f;
+    #pragma omp simd reduction(+:s)
+    for (int64_t j = b0; j < b1; ++j) {
+      const float gv = as_float(gp[j]);
+      const float vn = ema<low>(as_float(vp[j]), beta2, (gv * gv) * v_alpha);
+      put(vp + j, vn);
+      const float u = (gv * d) / full_denominator<low, true>(vn, eps);
+      s += u * u;
     }
-    return total;
-  });
+    total += s;
+  }
+  return total;
+}
+
+template <typename T>
+static double rms_full_elements(const T* g, T* v, int64_t n, const float* k) {
+  return parallel_sum(n, 1 << 14, [=](int64_t begin, int64_t end) { return rms_full_part(g, v, begin, end, k); });
 }
 
 torch::Tensor rms_full_sf(torch::Tensor g, torch::Tensor v, torch::Tensor k, int64_t numel) {
@@ -704,6 +706,41 @@ static void with_int3(int64_t value, F f) {  // value in {0, 1, 2}
   else f(std::integral_constant<int, 2>{});
 }
 
+// The compile-time variant of an update pass, as a type.
+template <typename Element, int Store, bool Stable, int Decay, bool Atan2, bool Full>
+struct UpdateVariant {
+  using T = Element;
+  static constexpr int STORE = Store;
+  static constexpr bool STABLE = Stable, ATAN2 = Atan2, FULL = Full;
+  static constexpr int DECAY = Decay;
+};
+
+// f(UpdateVariant<...>{}) for the run-time options: element type and storage from the dtype (fp32; bf16 rounded
+// stochastically with `noise`, else to nearest), StableAdamW, weight decay (0, 1, 2), atan2, full second moment.
+// (atan2 never comes with StableAdamW: that variant is not instantiated.)
+template <typename F>
+static void with_update_variant(torch::ScalarType dtype, bool noise, bool stable, int64_t decay, bool atan2,
+                                bool full, F f) {
+  auto run = [&](auto element, auto store_mode) {
+    using T = std::decay_t<decltype(element)>;
+    constexpr int STORE = std::decay_t<decltype(store_mode)>::value;
+    with_bool(stable, [&](auto s) {
+      with_int3(decay, [&](auto d) {
+        with_bool(atan2, [&](auto a) {
+          with_bool(full, [&](auto fl) {
+            constexpr bool S = decltype(s)::value, A = decltype(a)::value, FL = decltype(fl)::value;
+            constexpr int D = decltype(d)::value;
+            if constexpr (!(S && A)) f(UpdateVariant<T, STORE, S, D, A, FL>{});
+          });
+        });
+      });
+    });
+  };
+  if (dtype == torch::kFloat) run(float{}, std::integral_constant<int, 0>{});
+  else if (noise) run(uint16_t{}, std::integral_constant<int, 2>{});
+  else run(uint16_t{}, std::integral_constant<int, 1>{});
+}
+
 // In place on y and z (contiguous, 2-D; g, y, z all fp32 or all bf16): the update above, with the factors a, c or
 // (v given) the full second moment; with start >= 0, also z's new values at flat indices start + 11 n into zs (the
 // next step's statistics read them there instead of walking z). bf16: with a table, stochastic rounding (start_y,
@@ -747,31 +784,14 @@ void update_sf(torch::Tensor g, torch::Tensor y, torch::Tensor z, c10::optional<
   const float* ap = full ? nullptr : a->data_ptr<float>();
   const float* cp = full ? nullptr : c->data_ptr<float>();
   const float* kp = k.data_ptr<float>();
-  auto run = [&](auto element, auto store_mode) {
-    using T = std::decay_t<decltype(element)>;
-    constexpr int STORE = std::decay_t<decltype(store_mode)>::value;
-    with_bool(scale.has_value(), [&](auto stable) {
-      constexpr bool S = std::decay_t<decltype(stable)>::value;
-      with_int3(decay, [&](auto d) {
-        constexpr int D = std::decay_t<decltype(d)>::value;
-        with_bool(atan2, [&](auto use_atan2) {
-          constexpr bool A = std::decay_t<decltype(use_atan2)>::value;
-          with_bool(full, [&](auto is_full) {
-            constexpr bool F = std::decay_t<decltype(is_full)>::value;
-            if constexpr (!(S && A)) {
-              update_rows<T, STORE, S, D, A, F>(
-                  static_cast<const T*>(g.data_ptr()), static_cast<T*>(y.data_ptr()),
-                  static_cast<T*>(z.data_ptr()), F ? static_cast<T*>(v->data_ptr()) : nullptr, ap, cp, rows, cols,
-                  kp, sc, start, static_cast<T*>(zs_ptr), table_ptr, table_size, start_y, start_z);
-            }
-          });
-        });
-      });
-    });
-  };
-  if (dtype == torch::kFloat) run(float{}, std::integral_constant<int, 0>{});
-  else if (table_ptr != nullptr) run(uint16_t{}, std::integral_constant<int, 2>{});
-  else run(uint16_t{}, std::integral_constant<int, 1>{});
+  with_update_variant(dtype, table_ptr != nullptr, scale.has_value(), decay, atan2, full, [&](auto variant) {
+    using V = decltype(variant);
+    using T = typename V::T;
+    update_rows<T, V::STORE, V::STABLE, V::DECAY, V::ATAN2, V::FULL>(
+        static_cast<const T*>(g.data_ptr()), static_cast<T*>(y.data_ptr()), static_cast<T*>(z.data_ptr()),
+        V::FULL ? static_cast<T*>(v->data_ptr()) : nullptr, ap, cp, rows, cols, kp, sc, start,
+        static_cast<T*>(zs_ptr), table_ptr, table_size, start_y, start_z);
+  });
 }
 
 // The factored second moments of a bucket's tensors, updated in place, and per tensor the square roots of the two
@@ -810,6 +830,161 @@ std::vector<torch::Tensor> factors_(std::vector<torch::Tensor> rs, std::vector<t
     out.push_back(cs[i].sqrt().reshape(-1));
   }
   return out;
+}
+
+// ---- Lists of small tensors (a bucket's norm weights and biases): one call per pass for all of them, each tensor a
+// single flat row of the kernels above, whole on one thread, the threads splitting the list (a Python-level call
+// per tensor and pass costs more than a small tensor's arithmetic).
+
+// The dtype of a list of gradients (contiguous CPU tensors, all fp32 or all bf16).
+static torch::ScalarType list_dtype(const std::vector<torch::Tensor>& gs) {
+  const auto dtype = gs.empty() ? torch::kFloat : gs[0].scalar_type();
+  TORCH_CHECK(dtype == torch::kFloat || dtype == torch::kBFloat16, "gradients: fp32 or bf16");
+  for (const auto& g : gs) TORCH_CHECK(cpu_dense(g, dtype), "gradients: contiguous CPU tensors of one dtype");
+  return dtype;
+}
+
+static void check_like(const std::vector<torch::Tensor>& ts, const std::vector<torch::Tensor>& gs,
+                       torch::ScalarType dtype, const char* what) {
+  TORCH_CHECK(ts.size() == gs.size(), what, ": one tensor per gradient");
+  for (size_t i = 0; i < ts.size(); ++i)
+    TORCH_CHECK(cpu_dense(ts[i], dtype) && ts[i].numel() == gs[i].numel(), what,
+                ": contiguous CPU tensors of the gradients' sizes and dtype");
+}
+
+// sum of g^2 over n elements: fp32 over chunks of 4096, added in double
+template <typename T>
+static double flat_squares(const T* __restrict g, int64_t n) {
+  double total = 0.0;
+  for (int64_t b0 = 0; b0 < n; b0 += 4096) {
+    const int64_t b1 = std::min(n, b0 + 4096);
+    float s = 0.f;
+    #pragma omp simd reduction(+:s)
+    for (int64_t j = b0; j < b1; ++j) {
+      const float v = as_float(g[j]);
+      s += v * v;
+    }
+    total += s;
+  }
+  return total;
+}
+
+// Phase A: per tensor its sum of g^2, and with p0s the Prodigy statistics of its samples (flat indices
+// starts[i] + 11 n) as statistics() computes them for a single row, with x = xs[i]: sums[i] = [dot, sum |s_new|
+// (SPEED, ss empty: sum |p0 - x|), SPEED's sum (p0 - x)^2] and the new s. Returns [sq (n), sums (n, 3), s_new...].
+std::vector<torch::Tensor> statistics_list(std::vector<torch::Tensor> gs, std::vector<torch::Tensor> xs,
+                                           std::vector<torch::Tensor> p0s, std::vector<torch::Tensor> ss,
+                                           std::vector<int64_t> starts, double beta3, double delta) {
+  const auto dtype = list_dtype(gs);
+  const int64_t n = int64_t(gs.size());
+  const bool prodigy = !p0s.empty(), speed = ss.empty();
+  const auto f32 = torch::TensorOptions().dtype(torch::kFloat);
+  auto sq = torch::empty({n}, f32);
+  auto sums = torch::zeros({n, 3}, f32);
+  std::vector<torch::Tensor> out{sq, sums};
+  std::vector<Sample> S;
+  if (prodigy) {
+    check_like(xs, gs, dtype, "xs");
+    TORCH_CHECK(int64_t(p0s.size()) == n && int64_t(starts.size()) == n && (speed || int64_t(ss.size()) == n),
+                "one p0, s and sample start per tensor");
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t count = sample_count(gs[i].numel(), starts[i]);
+      TORCH_CHECK(starts[i] >= 0 && cpu_dense(p0s[i], torch::kBFloat16) && p0s[i].numel() == count &&
+                  (speed || (cpu_dense(ss[i], torch::kBFloat16) && ss[i].numel() == count)),
+                  "p0, s: contiguous bf16, one value per sample");
+      auto s_new = torch::empty({speed ? 0 : count}, torch::TensorOptions().dtype(torch::kBFloat16));
+      out.push_back(s_new);
+      S.push_back(Sample{starts[i], xs[i].data_ptr(), nullptr, reinterpret_cast<const uint16_t*>(p0s[i].data_ptr()),
+                         speed ? nullptr : reinterpret_cast<const uint16_t*>(ss[i].data_ptr()),
+                         speed ? nullptr : reinterpret_cast<uint16_t*>(s_new.data_ptr()), float(beta3),
+                         float(delta)});
+    }
+  }
+  float* sq_out = sq.data_ptr<float>();
+  float* sums_out = sums.data_ptr<float>();
+  auto run = [&](auto element) {
+    using T = decltype(element);
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const T* g = static_cast<const T*>(gs[i].data_ptr());
+        const int64_t numel = gs[i].numel();
+        sq_out[i] = float(flat_squares(g, numel));
+        if (!prodigy) continue;
+        double acc[3] = {0.0, 0.0, 0.0};
+        row_samples<T, false>(g, static_cast<const T*>(S[i].data), 0, numel, S[i], acc);
+        for (int j = 0; j < 3; ++j) sums_out[3 * i + j] = float(acc[j]);
+      }
+    });
+  };
+  if (dtype == torch::kFloat) run(float{});
+  else run(uint16_t{});
+  return out;
+}
+
+// rms_full_sf for each tensor: v written, the sums of the squared update returned (n).
+torch::Tensor rms_full_sf_list(std::vector<torch::Tensor> gs, std::vector<torch::Tensor> vs, torch::Tensor k) {
+  const auto dtype = list_dtype(gs);
+  check_like(vs, gs, dtype, "vs");
+  TORCH_CHECK(cpu_dense(k, torch::kFloat) && k.numel() >= 6, "k: the step's scalars");
+  const int64_t n = int64_t(gs.size());
+  auto out = torch::empty({n}, torch::TensorOptions().dtype(torch::kFloat));
+  float* o = out.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  auto run = [&](auto element) {
+    using T = decltype(element);
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        o[i] = float(rms_full_part<T>(static_cast<const T*>(gs[i].data_ptr()), static_cast<T*>(vs[i].data_ptr()),
+                                      0, gs[i].numel(), kp));
+    });
+  };
+  if (dtype == torch::kFloat) run(float{});
+  else run(uint16_t{});
+  return out;
+}
+
+// update_sf with the full second moment for each tensor (scales: StableAdamW's divisor per tensor; bf16 with a
+// table: stochastic rounding from the streams' starts per tensor).
+void update_sf_full_list(std::vector<torch::Tensor> gs, std::vector<torch::Tensor> ys, std::vector<torch::Tensor> zs,
+                         std::vector<torch::Tensor> vs, torch::Tensor k, c10::optional<torch::Tensor> scales,
+                         int64_t decay, bool atan2, c10::optional<torch::Tensor> table, std::vector<int64_t> start_y,
+                         std::vector<int64_t> start_z) {
+  const auto dtype = list_dtype(gs);
+  const int64_t n = int64_t(gs.size());
+  check_like(ys, gs, dtype, "ys");
+  check_like(zs, gs, dtype, "zs");
+  check_like(vs, gs, dtype, "vs");
+  TORCH_CHECK(cpu_dense(k, torch::kFloat) && k.numel() >= 12, "k: the step's scalars");
+  TORCH_CHECK(!scales.has_value() || (cpu_dense(*scales, torch::kFloat) && scales->numel() == n),
+              "scales: one fp32 value per tensor");
+  TORCH_CHECK(decay >= 0 && decay <= 2, "decay: 0, 1 or 2");
+  TORCH_CHECK(!(atan2 && scales.has_value()), "atan2 (eps=None) has no StableAdamW scale");
+  const int32_t* table_ptr = nullptr;
+  if (table.has_value()) {
+    const int64_t table_size = table->numel() / 2;
+    TORCH_CHECK(dtype == torch::kBFloat16 && cpu_dense(*table, torch::kInt) && int64_t(start_y.size()) == n &&
+                int64_t(start_z.size()) == n, "table: the doubled int32 noise table (bf16 only), starts per tensor");
+    for (int64_t i = 0; i < n; ++i)
+      TORCH_CHECK(gs[i].numel() <= table_size && start_y[i] >= 0 && start_z[i] >= 0 && start_y[i] < table_size &&
+                  start_z[i] < table_size, "tensors no longer than the noise table, starts in it");
+    table_ptr = table->data_ptr<int32_t>();
+  }
+  const float* sc = scales.has_value() ? scales->data_ptr<float>() : nullptr;
+  const float* kp = k.data_ptr<float>();
+  with_update_variant(dtype, table_ptr != nullptr, scales.has_value(), decay, atan2, true, [&](auto variant) {
+    using V = decltype(variant);
+    using T = typename V::T;
+    if constexpr (V::FULL) {
+      at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i)
+          update_row<T, V::STORE, V::STABLE, V::DECAY, V::ATAN2, true>(
+              static_cast<const T*>(gs[i].data_ptr()), static_cast<T*>(ys[i].data_ptr()),
+              static_cast<T*>(zs[i].data_ptr()), static_cast<T*>(vs[i].data_ptr()), nullptr, gs[i].numel(), 0.f, kp,
+              sc != nullptr ? sc[i] : 1.f, V::STORE == 2 ? table_ptr + start_y[i] : nullptr,
+              V::STORE == 2 ? table_ptr + start_z[i] : nullptr);
+      });
+    }
+  });
 }
 
 // out <- atan2_fast(y, x) (fp32, contiguous, one size): the update's atan2, for its tests.
@@ -877,11 +1052,12 @@ def _load():
                 flags = _ISA_FLAGS.get(isa, [])
                 logger.info("loading the native CPU kernels (%s); the first use on a machine builds them, ~20 s",
                             isa)
-                _module = load_inline(name=f"prodigy_dist_native_v27_{isa.lower() if flags else 'base'}",
+                _module = load_inline(name=f"prodigy_dist_native_v28_{isa.lower() if flags else 'base'}",
                                       cpp_sources=[_SOURCE],
                                       functions=["statistics", "rms_factored", "stochastic_round_",
                                                  "update_sf", "atan2_fast_", "factors_",
-                                                 "rms_prodigy_factored", "rms_full_sf"],
+                                                 "rms_prodigy_factored", "rms_full_sf", "statistics_list",
+                                                 "rms_full_sf_list", "update_sf_full_list"],
                                       extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"] + flags,
                                       extra_ldflags=["-fopenmp"],
                                       verbose=False)
@@ -979,6 +1155,51 @@ def rms_full_sf(g: torch.Tensor, v: torch.Tensor, scalars: torch.Tensor, numel: 
     if module is None:
         return None
     return module.rms_full_sf(g, v, scalars, numel)
+
+
+def statistics_list(gs: list[torch.Tensor], sample: tuple | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor] | None] | None:
+    """Phase A of a list of small tensors in one call (contiguous CPU gradients of any shape, all fp32 or all bf16):
+    per tensor its sum of g^2 (fp32, one value per tensor), and with ``sample = (xs, p0s, ss, starts, beta3,
+    delta)`` the Prodigy statistics of each tensor's elements at flat index starts[i] + 11 n, as :func:`statistics`
+    computes them for one row: ``sums`` (n, 3) and the new s per tensor (``ss=None``: SPEED, no new s). Returns
+    (sq, sums, s_new), or None when the kernels could not be built. Raises on tensors that do not fit (an internal
+    error: the caller checks the bucket)."""
+    module = _load()
+    if module is None:
+        return None
+    if sample is None:
+        sq, _ = module.statistics_list(gs, [], [], [], [], 0.0, 0.0)
+        return sq, None, None
+    xs, p0s, ss, starts, beta3, delta = sample
+    sq, sums, *s_new = module.statistics_list(gs, xs, p0s, ss if ss is not None else [], starts, beta3, delta)
+    return sq, sums, s_new if ss is not None else None
+
+
+def rms_full_sf_list(gs: list[torch.Tensor], vs: list[torch.Tensor], scalars: torch.Tensor) -> torch.Tensor | None:
+    """:func:`rms_full_sf` for each tensor of a list of small ones in one call (v written): the sums of the squared
+    update, one fp32 value per tensor. None when the kernels could not be built."""
+    module = _load()
+    if module is None:
+        return None
+    return module.rms_full_sf_list(gs, vs, scalars)
+
+
+def update_sf_full_list(gs: list[torch.Tensor], ys: list[torch.Tensor], zs: list[torch.Tensor],
+                        vs: list[torch.Tensor], scalars: torch.Tensor, scales: torch.Tensor | None, decay: str,
+                        atan2: bool = False, noise: tuple[torch.Tensor, list[int], list[int]] | None = None) -> bool:
+    """:func:`update_sf_full` for each tensor of a list of small ones in one call (``scales``: StableAdamW's
+    divisors, one per tensor, or None; ``noise = (table, starts_y, starts_z)``: the starts per tensor). Tensors of
+    any shape, contiguous, each no longer than the noise table. False (nothing written) when the kernels could not
+    be built."""
+    if decay not in _DECAYS:
+        raise ValueError(f"decay must be one of {sorted(_DECAYS)}, got {decay!r}")
+    module = _load()
+    if module is None:
+        return False
+    table, starts_y, starts_z = noise if noise is not None else (None, [], [])
+    module.update_sf_full_list(gs, ys, zs, vs, scalars, scales, _DECAYS[decay], atan2, table, starts_y, starts_z)
+    return True
 
 
 def stochastic_round_(target: torch.Tensor, source: torch.Tensor, noise: torch.Tensor) -> bool:

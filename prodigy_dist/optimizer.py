@@ -411,13 +411,6 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
             b.layouts.append(layout)
             b.dims.append(dims)
             b.positions.append(order[id(p)][1] if positions is None else positions[id(p)])
-        for key in packed:
-            b = keyed[key]
-            if len(b.params) > 1:
-                pack = packing.pack_for(self._packs, b.params, b.layouts)
-                flats = pack.adopt(b.states, b.params[0].dtype)  # the state, kept flat
-                if flats is not None:
-                    b.pack, b.flat = pack, flats
         buckets = list(keyed.values())
         total: list[int] = []  # counted once per step, and only if a bucket asks
 
@@ -426,9 +419,17 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
                 total.append(sum(self._layout(p).global_numel for g in self.param_groups for p in g["params"]))
             return total[0]
 
+        packable = {id(keyed[key]) for key in packed if len(keyed[key].params) > 1}
         for b in buckets:  # the compiled fast path where it applies (prodigy_dist.compiled.choose)
-            if compiled.choose(b, self.fast_path, total_params, alone):
+            if compiled.choose(b, self.fast_path, total_params, alone, packable=id(b) in packable):
                 b.impl = compiled
+        for key in packed:
+            b = keyed[key]
+            if id(b) in packable and b.impl is None:
+                pack = packing.pack_for(self._packs, b.params, b.layouts)
+                flats = pack.adopt(b.states, b.params[0].dtype)  # the state, kept flat
+                if flats is not None:
+                    b.pack, b.flat = pack, flats
         return compiled.merge(buckets)
 
     def _run_step(self, items: list[tuple[int, torch.Tensor]]) -> None:

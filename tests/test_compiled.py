@@ -36,8 +36,9 @@ VARIANTS = {
 
 @pytest.fixture(autouse=True)
 def no_packing(monkeypatch):
-    """These tests hold the compiled kernels to the eager ones: small tensors stay out of packs (which always run
-    the flat eager kernels; tests/test_packing.py holds them to the per-tensor path)."""
+    """These tests hold the compiled kernels to the eager ones: small tensors stay out of packs (which run the flat
+    eager kernels unless the native list kernels take the bucket; tests/test_packing.py holds them to the per-tensor
+    path), so that the compiled runs take every path of a bucket: one by one, and the native lists."""
     monkeypatch.setattr(packing, "ENABLED", False)
 
 
@@ -147,16 +148,19 @@ def test_native_update_equals_the_compiled_update(monkeypatch, dtype, options):
     from prodigy_dist import native
     if not native.available():
         pytest.skip("the native CPU kernels could not be built here")
-    calls = {"update_sf_factored": 0, "update_sf_full": 0}
+    calls = {"update_sf_factored": 0, "update_sf_full": 0, "update_sf_full_list": 0}
     for name in calls:
         monkeypatch.setattr(native, name, lambda *a, _f=getattr(native, name), _n=name, **k:
                             calls.__setitem__(_n, calls[_n] + 1) or _f(*a, **k))
     pa, oa = run("compiled", options, dtype, steps=6)
-    # every step: the 3 matrices, and the 1-D tensor (full second moment); unfactored, all 4 with the full one
-    assert calls == ({"update_sf_factored": 0, "update_sf_full": 4 * 6} if options.get("factored") is False
-                     else {"update_sf_factored": 3 * 6, "update_sf_full": 6})
+    # every step: the 3 matrices one by one, and the small unfactored tensors (the 1-D one; unfactored, all 4) in
+    # one list call
+    assert calls == ({"update_sf_factored": 0, "update_sf_full": 0, "update_sf_full_list": 6}
+                     if options.get("factored") is False
+                     else {"update_sf_factored": 3 * 6, "update_sf_full": 0, "update_sf_full_list": 6})
     for name in calls:
         monkeypatch.setattr(native, name, lambda *a, **k: False)
+    monkeypatch.setattr(compiled, "LIST_MAX", 0)  # no list kernels: every tensor through the compiled update
     pb, ob = run("compiled", options, dtype, steps=6)
     for a, b in zip(pa, pb):
         for x, y in ((a, b), (oa.state[a]["z"], ob.state[b]["z"])):
@@ -279,8 +283,13 @@ def test_selection(monkeypatch):
     assert set(_impls(ProdigyPlusScheduleFree(params), params)) == {None}
     monkeypatch.setattr(compiled, "AUTO_CPU_MIN_PARAMS", 0)
     big = [torch.nn.Parameter(torch.randn(300, 256)), torch.nn.Parameter(torch.randn(40))]
-    impls = _impls(ProdigyPlusScheduleFree(big), big)
+    impls = _impls(ProdigyPlusScheduleFree(big, use_schedulefree=False), big)
     assert sorted(map(str, impls)) == sorted(map(str, [compiled, None]))
+    # ... except small unfactored Schedule-Free tensors on a CPU: the native list kernels take them (one call per
+    # pass for all of them)
+    from prodigy_dist import native
+    if native.available():
+        assert set(_impls(ProdigyPlusScheduleFree(big), big)) == {compiled}
     # a factored tensor of more than 2 dims (a conv weight) runs eagerly, in a bucket of its own: the 2-D ones
     # beside it stay compiled (one bucket held them all before, and the conv weight sent it to the eager kernels)
     mixed = [torch.nn.Parameter(torch.randn(36, 40, 3)), torch.nn.Parameter(torch.randn(70, 36)),
@@ -317,3 +326,34 @@ def test_a_non_contiguous_tensor_keeps_its_bucket_eager_and_says_so_once(caplog)
         _impls(opt, params)
     said = [r for r in caplog.records if "non-contiguous" in r.getMessage()]
     assert len(said) == 1 and "(64, 200)" in said[0].getMessage()
+
+
+@pytest.mark.parametrize("reduced", [False, True], ids=["one_process", "under_reducer"])
+@pytest.mark.parametrize("options", [{}, dict(eps=None), dict(use_speed=True)], ids=["default", "eps=None", "speed"])
+def test_small_and_large_unfactored_tensors_in_one_bucket_equal_eager(monkeypatch, options, reduced):
+    """factored=False with a tensor of LIST_MAX elements or more beside small ones: the small ones take the native
+    list kernels and the large one its own passes, in one bucket (the sums of g^2, the Prodigy statistics and the
+    StableAdamW sums put back in tensor order); equal to the eager path, alone and under a lock-step reducer."""
+    from prodigy_dist import native
+    if not native.available():
+        pytest.skip("the native CPU kernels could not be built here")
+    monkeypatch.setattr(compiled, "LIST_MAX", 5000)
+    shapes = [(300,), (96, 64), (40,), (4999,), (5000,)]
+    calls = {"statistics_list": 0, "update_sf_full_list": 0}
+    for name in calls:
+        monkeypatch.setattr(native, name, lambda *a, _f=getattr(native, name), _n=name, **k:
+                            calls.__setitem__(_n, calls[_n] + 1) or _f(*a, **k))
+    results = {}
+    for fast_path in ("eager", "compiled"):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in shapes]
+        opt = ProdigyPlusScheduleFree(params, fast_path=fast_path, d0=1e-3, factored=False, **options)
+        if reduced:
+            opt._reducer = CountingReducer()
+        for step in range(5):
+            set_grads(params, step)
+            opt.step()
+        results[fast_path] = (params, opt)
+    assert calls == {"statistics_list": 5, "update_sf_full_list": 5}  # compiled only: one call per step
+    assert_close(*results["compiled"], *results["eager"], torch.float32)
+    assert results["eager"][1].param_groups[0]["d"] > 1e-3

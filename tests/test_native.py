@@ -318,3 +318,102 @@ def test_rms_full_sf_updates_the_second_moment_as_the_compiled_pass(dtype):
     divisor = native.rms_full_sf(g, v.clone(), s, numel=7)
     assert divisor.item() == pytest.approx(max((total.item() / 7) ** 0.5, 1.0) ** 0.5, rel=1e-6)
     assert native.rms_full_sf(g, v.float() if dtype != torch.float32 else v.bfloat16(), s) is None
+
+
+# Sizes of a list of small tensors: empty, single, shorter and longer than a vector, one past a 4096-element chunk
+# and one longer than the RMS kernel's per-thread grain (its sum may then differ in summation order).
+LIST_SIZES = [384, 1, 0, 1536, 40000, 11, 23, 4097]
+LIST_STARTS = [3, 0, 0, 5, 7, 10, 0, 2]
+
+
+def _list_inputs(dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    gs = [(torch.randn(n, generator=gen) * 1e-2).to(dtype) for n in LIST_SIZES]
+    xs = [torch.randn(n, generator=gen).to(dtype) for n in LIST_SIZES]
+    counts = [(n - s + 10) // 11 if n > s else 0 for n, s in zip(LIST_SIZES, LIST_STARTS)]
+    p0s = [torch.randn(c, generator=gen).bfloat16() for c in counts]
+    ss = [(torch.randn(c, generator=gen) * 1e-2).bfloat16() for c in counts]
+    return gs, xs, p0s, ss
+
+
+@pytest.mark.parametrize("speed", [False, True], ids=["s", "speed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_statistics_list_matches_the_single_tensor_pass(dtype, speed):
+    """One call over a list of small tensors: per tensor the same Prodigy sums and new s bits as statistics() on the
+    tensor as one row, and its sum of g^2."""
+    gs, xs, p0s, ss = _list_inputs(dtype)
+    sq, sums, s_new = native.statistics_list(gs, (xs, p0s, None if speed else ss, LIST_STARTS, 0.999, 0.02))
+    assert sq.shape == (len(gs),) and sums.shape == (len(gs), 3) and (s_new is None) == speed
+    for i, g in enumerate(gs):
+        _, _, want, want_s = native.statistics(g.view(1, -1), (LIST_STARTS[i], xs[i].view(1, -1), p0s[i],
+                                                               None if speed else ss[i], 0.999, 0.02))
+        assert torch.equal(sums[i], want)
+        if not speed:
+            assert torch.equal(s_new[i], want_s)
+        torch.testing.assert_close(sq[i].double(), g.double().square().sum(), rtol=1e-5, atol=0)
+    assert sums[:, 0].abs().sum() > 0 and (speed or sums[:, 1].abs().sum() > 0)  # (not all empty)
+    sq_only, none, none_too = native.statistics_list(gs)
+    assert torch.equal(sq_only, sq) and none is None and none_too is None
+
+
+def _scalars(d=1e-3, eps=1e-8, beta2=0.99, lam=0.01):
+    # compiled._scalars' layout: d, d eps, beta1, (1 - beta1) d, beta2, (1 - beta2) d^2, c, -dlr, -dlr xy, lam, -lam,
+    # -lam xy, 1 - decay
+    return torch.tensor([d, d * eps, 0.9, 0.1 * d, beta2, (1 - beta2) * d * d, 0.3, -d, -2 * d, lam, -lam, -2 * lam,
+                         1.0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_list_rms_and_update_match_the_single_tensor_kernels(dtype):
+    """rms_full_sf_list and update_sf_full_list against rms_full_sf and update_sf_full tensor by tensor: the same v,
+    y and z bits (fp32, bf16 rounded to nearest or stochastically from each tensor's noise starts) for every weight
+    decay mode, with StableAdamW's scales or atan2; the same sums (for tensors within one thread's grain)."""
+    from prodigy_dist import rounding
+    gs, _, _, _ = _list_inputs(dtype)
+    gen = torch.Generator().manual_seed(3)
+    k = _scalars()
+    vs = [(torch.rand(n, generator=gen) * 1e-6).to(dtype) for n in LIST_SIZES]
+    vs_each = [v.clone() for v in vs]
+    uu = native.rms_full_sf_list(gs, vs, k)
+    for i, g in enumerate(gs):
+        want = native.rms_full_sf(g, vs_each[i], k)
+        if g.numel() <= 1 << 14:
+            assert torch.equal(uu[i], want)
+        torch.testing.assert_close(uu[i], want, rtol=1e-6, atol=0)
+        assert torch.equal(vs[i], vs_each[i])
+    assert uu.sum() > 0
+    scales = (uu / torch.tensor(LIST_SIZES).clamp_min(1)).sqrt().clamp_min(1).sqrt()
+    table = rounding.doubled_table(torch.device("cpu"), 0)
+    starts = [rounding.table_starts(5, 0, key=i) for i in range(len(gs))]
+    roundings = [None, "sr"] if dtype == torch.bfloat16 else [None]
+    for decay in ("none", "by_lr", "raw"):
+        for atan2 in (False, True):
+            for rounding_mode in roundings:
+                ys = [torch.randn(n, generator=gen).to(dtype) for n in LIST_SIZES]
+                zs = [torch.randn(n, generator=gen).to(dtype) for n in LIST_SIZES]
+                ys_each, zs_each = [y.clone() for y in ys], [z.clone() for z in zs]
+                v_list, v_each = [v.clone() for v in vs], [v.clone() for v in vs]
+                noise = (table, [y for y, _ in starts], [z for _, z in starts]) if rounding_mode else None
+                sc = None if atan2 else scales
+                assert native.update_sf_full_list(gs, ys, zs, v_list, k, sc, decay, atan2=atan2, noise=noise)
+                assert any(not torch.equal(z, z0) for z, z0 in zip(zs, zs_each))  # (it moved)
+                for i, g in enumerate(gs):
+                    row = (1, -1)
+                    assert native.update_sf_full(g.view(row), ys_each[i].view(row), zs_each[i].view(row),
+                                                 v_each[i].view(row), k, None if atan2 else sc[i].reshape(()), decay,
+                                                 None, atan2=atan2,
+                                                 noise=(table, *starts[i]) if rounding_mode else None)
+                    assert torch.equal(ys[i], ys_each[i]) and torch.equal(zs[i], zs_each[i]), (decay, atan2, i)
+                    assert torch.equal(v_list[i], v_each[i])
+
+
+def test_list_kernels_refuse_mismatched_lists():
+    gs = [torch.randn(5), torch.randn(7)]
+    with pytest.raises(RuntimeError, match="one tensor per gradient"):
+        native.rms_full_sf_list(gs, [torch.zeros(5)], _scalars())
+    with pytest.raises(RuntimeError, match="sizes and dtype"):
+        native.rms_full_sf_list(gs, [torch.zeros(5), torch.zeros(6)], _scalars())
+    with pytest.raises(ValueError, match="decay"):
+        native.update_sf_full_list(gs, gs, gs, gs, _scalars(), None, "sometimes")
+    with pytest.raises(RuntimeError, match="one value per sample"):
+        native.statistics_list(gs, (gs, [torch.zeros(2, dtype=torch.bfloat16)] * 2, None, [0, 0], 0.9, 0.1))

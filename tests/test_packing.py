@@ -170,14 +170,22 @@ def test_skipped_step_leaves_everything_untouched(monkeypatch):
 
 
 def test_packed_buckets_are_never_compiled(monkeypatch):
+    """A bucket that can be packed runs packed (eager) even with fast_path="compiled", unless the native list
+    kernels take all of its tensors (Schedule-Free on a CPU): then it is not packed."""
+    from prodigy_dist import native
     monkeypatch.setattr(packing, "ENABLED", True)
     params = _params(torch.float32)
-    opt = ProdigyPlusScheduleFree(params, fast_path="compiled")
+    opt = ProdigyPlusScheduleFree(params, fast_path="compiled", use_schedulefree=False)
     for p in params:
         p.grad = torch.ones_like(p)
     (b,) = _packed_buckets(opt)
     assert compiled.variant(b) is not None  # it would be compiled if it were not packed
     assert not compiled.choose(b, "compiled", lambda: 1 << 30, True)
+    if native.available():
+        opt = ProdigyPlusScheduleFree(params, fast_path="compiled")
+        assert _packed_buckets(opt) == []
+        items = [(0, p) for p in params]
+        assert {b.impl for b in opt._buckets(items, [step_scalars(g) for g in opt.param_groups])} == {compiled}
 
 
 def _sharded_layouts(world):
