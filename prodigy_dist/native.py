@@ -385,45 +385,58 @@ static void row_col(const T* g, int64_t rows, int64_t cols, float* row_out, floa
 
 // Factored statistics of g (rows, cols: sums of g^2 along dim 1 and dim 0) and, with start >= 0, the Prodigy
 // statistics of its sampled elements: sums = [dot(g, p0 - x), sum |s_new| (or SPEED's sum |p0 - x|),
-// SPEED's sum (p0 - x)^2] and s_new.
+// SPEED's sum (p0 - x)^2] and s_new. Returns nothing where the tensors' dtypes, devices or memory layouts are not the
+// kernel's; raises on inconsistent arguments (an internal error). (No ATen operation beyond the allocations of the
+// results: each costs a microsecond or more, and this runs once per tensor and step.)
 std::vector<torch::Tensor> statistics(torch::Tensor g, int64_t start, c10::optional<torch::Tensor> data,
                                       c10::optional<torch::Tensor> p0, c10::optional<torch::Tensor> s,
                                       double beta3, double delta, c10::optional<torch::Tensor> compact) {
-  TORCH_CHECK(g.dim() == 2 && g.is_contiguous() && g.device().is_cpu(), "a contiguous 2-D CPU tensor");
+  const auto dtype = g.scalar_type();
+  if (!((dtype == torch::kFloat || dtype == torch::kBFloat16) && g.dim() == 2 && cpu_dense(g, dtype)))
+    return {};
+  if (start >= 0 && !(data.has_value() && cpu_dense(*data, dtype) && p0.has_value() &&
+                      cpu_dense(*p0, torch::kBFloat16) && (!s.has_value() || cpu_dense(*s, torch::kBFloat16)) &&
+                      (!compact.has_value() || cpu_dense(*compact, dtype))))
+    return {};
   const int64_t rows = g.size(0), cols = g.size(1), threads = at::get_num_threads();
-  auto f32 = g.options().dtype(torch::kFloat);
+  const auto f32 = g.options().dtype(torch::kFloat);
   auto row_out = torch::empty({rows}, f32);
-  auto partial = torch::zeros({threads, cols}, f32);
-  auto sums = torch::zeros({threads, 3}, g.options().dtype(torch::kDouble));
+  auto col_out = torch::empty({cols}, f32);
+  auto sums_out = torch::empty({3}, f32);
+  std::vector<float> partial(threads * cols, 0.f);
+  std::vector<double> sums(threads * 3, 0.0);
   const int64_t numel = rows * cols;
   const int64_t n_samples = start < 0 ? 0 : sample_count(numel, start);
   auto s_new = torch::empty({start >= 0 && s.has_value() ? n_samples : 0}, g.options().dtype(torch::kBFloat16));
   Sample S{};
   if (start >= 0) {
-    TORCH_CHECK(data.has_value() && data->sizes() == g.sizes() && data->is_contiguous() &&
-                data->scalar_type() == g.scalar_type(), "data: contiguous, of the shape and dtype of g");
-    TORCH_CHECK(p0.has_value() && p0->scalar_type() == torch::kBFloat16 && p0->is_contiguous() &&
-                p0->numel() == n_samples, "p0: contiguous bf16, one value per sample");
-    TORCH_CHECK(!s.has_value() || (s->scalar_type() == torch::kBFloat16 && s->is_contiguous() &&
-                s->numel() == n_samples), "s: contiguous bf16, one value per sample");
-    TORCH_CHECK(!compact.has_value() || (compact->scalar_type() == g.scalar_type() && compact->is_contiguous() &&
-                compact->numel() == n_samples), "compact: contiguous, g's dtype, one value per sample");
+    TORCH_CHECK(data->sizes() == g.sizes(), "data: g's shape");
+    TORCH_CHECK(p0->numel() == n_samples && (!s.has_value() || s->numel() == n_samples) &&
+                (!compact.has_value() || compact->numel() == n_samples), "p0, s, compact: one value per sample");
     S = Sample{start, data->data_ptr(), compact.has_value() ? compact->data_ptr() : nullptr,
                reinterpret_cast<const uint16_t*>(p0->data_ptr()),
                s.has_value() ? reinterpret_cast<const uint16_t*>(s->data_ptr()) : nullptr,
                s.has_value() ? reinterpret_cast<uint16_t*>(s_new.data_ptr()) : nullptr, float(beta3), float(delta)};
   }
   const Sample* sp = start >= 0 ? &S : nullptr;
-  if (g.scalar_type() == torch::kFloat) {
-    row_col<float>(g.data_ptr<float>(), rows, cols, row_out.data_ptr<float>(), partial.data_ptr<float>(), sp,
-                   sums.data_ptr<double>());
-  } else if (g.scalar_type() == torch::kBFloat16) {
-    row_col<uint16_t>(reinterpret_cast<const uint16_t*>(g.data_ptr()), rows, cols, row_out.data_ptr<float>(),
-                      partial.data_ptr<float>(), sp, sums.data_ptr<double>());
+  if (dtype == torch::kFloat) {
+    row_col<float>(g.data_ptr<float>(), rows, cols, row_out.data_ptr<float>(), partial.data(), sp, sums.data());
   } else {
-    TORCH_CHECK(false, "float32 or bfloat16");
+    row_col<uint16_t>(reinterpret_cast<const uint16_t*>(g.data_ptr()), rows, cols, row_out.data_ptr<float>(),
+                      partial.data(), sp, sums.data());
   }
-  return {row_out, partial.sum(0), sums.sum(0).to(torch::kFloat), s_new};
+  // the threads' column sums and Prodigy sums, added in thread order
+  float* col = col_out.data_ptr<float>();
+  for (int64_t j = 0; j < cols; ++j) col[j] = 0.f;
+  for (int64_t t = 0; t < threads; ++t)
+    for (int64_t j = 0; j < cols; ++j) col[j] += partial[t * cols + j];
+  float* out = sums_out.data_ptr<float>();
+  for (int j = 0; j < 3; ++j) {
+    double total = 0.0;
+    for (int64_t t = 0; t < threads; ++t) total += sums[t * 3 + j];
+    out[j] = float(total);
+  }
+  return {row_out, col_out, sums_out, s_new};
 }
 
 // sum over the row of (d g_j / (a c_j + e))^2, with the operations of the compiled update (fp32).
@@ -745,23 +758,28 @@ static void with_update_variant(torch::ScalarType dtype, bool noise, bool stable
 // (v given) the full second moment; with start >= 0, also z's new values at flat indices start + 11 n into zs (the
 // next step's statistics read them there instead of walking z). bf16: with a table, stochastic rounding (start_y,
 // start_z: the streams' table starts of flat element 0); without, rounding to nearest even.
-void update_sf(torch::Tensor g, torch::Tensor y, torch::Tensor z, c10::optional<torch::Tensor> a,
+// Returns false (nothing written) where the tensors' dtypes, devices or memory layouts are not the kernel's; raises on
+// inconsistent arguments (an internal error).
+bool update_sf(torch::Tensor g, torch::Tensor y, torch::Tensor z, c10::optional<torch::Tensor> a,
                c10::optional<torch::Tensor> c, c10::optional<torch::Tensor> v, torch::Tensor k,
                c10::optional<torch::Tensor> scale, int64_t decay, bool atan2, int64_t start,
                c10::optional<torch::Tensor> zs, c10::optional<torch::Tensor> table, int64_t start_y,
                int64_t start_z) {
   const auto dtype = g.scalar_type();
-  TORCH_CHECK((dtype == torch::kFloat || dtype == torch::kBFloat16) && g.dim() == 2 && cpu_dense(g, dtype) &&
-              cpu_dense(y, dtype) && cpu_dense(z, dtype) && y.sizes() == g.sizes() && z.sizes() == g.sizes(),
-              "g, y, z: contiguous fp32 or bf16 CPU tensors of one 2-D shape and dtype");
   const auto f32 = torch::kFloat;
   const bool full = v.has_value();
-  TORCH_CHECK(full ? (cpu_dense(*v, dtype) && v->sizes() == g.sizes()) :
-              (a.has_value() && c.has_value() && cpu_dense(*a, f32) && cpu_dense(*c, f32) &&
-               a->numel() == g.size(0) && c->numel() == g.size(1)),
-              "v: g's shape and dtype; or a, c: fp32 factors of g's rows and columns");
-  TORCH_CHECK(cpu_dense(k, f32) && k.numel() >= 12, "k: the step's scalars");
-  TORCH_CHECK(!scale.has_value() || (cpu_dense(*scale, f32) && scale->numel() == 1), "scale: one fp32 value");
+  if (!((dtype == torch::kFloat || dtype == torch::kBFloat16) && g.dim() == 2 && cpu_dense(g, dtype) &&
+        cpu_dense(y, dtype) && cpu_dense(z, dtype) && cpu_dense(k, f32) &&
+        (full ? cpu_dense(*v, dtype) : (a.has_value() && c.has_value() && cpu_dense(*a, f32) && cpu_dense(*c, f32))) &&
+        (!scale.has_value() || cpu_dense(*scale, f32)) && (!table.has_value() || (dtype == torch::kBFloat16 &&
+        cpu_dense(*table, torch::kInt) && g.size(1) <= table->numel() / 2)) &&
+        (start < 0 || (zs.has_value() && cpu_dense(*zs, dtype)))))
+    return false;
+  TORCH_CHECK(y.sizes() == g.sizes() && z.sizes() == g.sizes(), "g, y, z: one shape");
+  TORCH_CHECK(full ? v->sizes() == g.sizes() : (a->numel() == g.size(0) && c->numel() == g.size(1)),
+              "v: g's shape; or a, c: the factors of g's rows and columns");
+  TORCH_CHECK(k.numel() >= 12, "k: the step's scalars");
+  TORCH_CHECK(!scale.has_value() || scale->numel() == 1, "scale: one value");
   TORCH_CHECK(decay >= 0 && decay <= 2, "decay: 0, 1 or 2");
   TORCH_CHECK(!(atan2 && scale.has_value()), "atan2 (eps=None) has no StableAdamW scale");
   const int64_t rows = g.size(0), cols = g.size(1), numel = rows * cols;
@@ -769,15 +787,13 @@ void update_sf(torch::Tensor g, torch::Tensor y, torch::Tensor z, c10::optional<
   int64_t table_size = 0;
   if (table.has_value()) {
     table_size = table->numel() / 2;
-    TORCH_CHECK(dtype == torch::kBFloat16 && cpu_dense(*table, torch::kInt) && cols <= table_size &&
-                start_y >= 0 && start_z >= 0 && start_y < table_size && start_z < table_size,
-                "table: the doubled int32 noise table (bf16 only, rows no longer than the table, starts in it)");
+    TORCH_CHECK(start_y >= 0 && start_z >= 0 && start_y < table_size && start_z < table_size,
+                "table starts: in the table");
     table_ptr = table->data_ptr<int32_t>();
   }
   void* zs_ptr = nullptr;
   if (start >= 0) {
-    TORCH_CHECK(zs.has_value() && cpu_dense(*zs, dtype) && zs->numel() == sample_count(numel, start),
-                "zs: contiguous, g's dtype, one value per sample");
+    TORCH_CHECK(zs->numel() == sample_count(numel, start), "zs: one value per sample");
     zs_ptr = zs->data_ptr();
   }
   const float sc = scale.has_value() ? scale->data_ptr<float>()[0] : 1.f;
@@ -792,6 +808,7 @@ void update_sf(torch::Tensor g, torch::Tensor y, torch::Tensor z, c10::optional<
         V::FULL ? static_cast<T*>(v->data_ptr()) : nullptr, ap, cp, rows, cols, kp, sc, start,
         static_cast<T*>(zs_ptr), table_ptr, table_size, start_y, start_z);
   });
+  return true;
 }
 
 // The factored second moments of a bucket's tensors, updated in place, and per tensor the square roots of the two
@@ -1052,7 +1069,7 @@ def _load():
                 flags = _ISA_FLAGS.get(isa, [])
                 logger.info("loading the native CPU kernels (%s); the first use on a machine builds them, ~20 s",
                             isa)
-                _module = load_inline(name=f"prodigy_dist_native_v28_{isa.lower() if flags else 'base'}",
+                _module = load_inline(name=f"prodigy_dist_native_v30_{isa.lower() if flags else 'base'}",
                                       cpp_sources=[_SOURCE],
                                       functions=["statistics", "rms_factored", "stochastic_round_",
                                                  "update_sf", "atan2_fast_", "factors_",
@@ -1088,25 +1105,19 @@ def statistics(g: torch.Tensor, sample: tuple | None = None
     prodigy_dist.compiled._sample_pass, except that the dot of bf16 parameters is left in fp32 (round it).
     ``compact``: x's sampled elements as a contiguous vector (what :func:`update_sf_factored` wrote), read instead
     of walking x. None when the kernel does not apply or could not be built."""
-    if not _applies(g):
-        return None
-    compact = None
-    if sample is not None:
-        start, x, p0, s, beta3, delta = sample[:6]
-        compact = sample[6] if len(sample) > 6 else None
-        if compact is not None and (compact.dtype != g.dtype or not compact.is_contiguous()
-                                    or compact.numel() != p0.numel()):
-            return None
-        if x.shape != g.shape or x.dtype != g.dtype or not x.is_contiguous() or p0.dtype != torch.bfloat16 \
-                or not p0.is_contiguous() or (s is not None and (s.dtype != torch.bfloat16 or not s.is_contiguous())):
-            return None
+    # (the C++ function checks the dtypes, devices and layouts, and returns nothing where they are not its own)
     module = _load()
     if module is None:
         return None
     if sample is None:
-        rows, cols, _, _ = module.statistics(g, -1, None, None, None, 0.0, 0.0, None)
-        return rows, cols, None, None
-    rows, cols, sums, s_new = module.statistics(g, start, x, p0, s, beta3, delta, compact)
+        out = module.statistics(g, -1, None, None, None, 0.0, 0.0, None)
+        return (out[0], out[1], None, None) if out else None
+    start, x, p0, s, beta3, delta = sample[:6]
+    compact = sample[6] if len(sample) > 6 else None
+    out = module.statistics(g, start, x, p0, s, beta3, delta, compact)
+    if not out:
+        return None
+    rows, cols, sums, s_new = out
     return rows, cols, sums, s_new if s is not None else None
 
 
@@ -1230,8 +1241,6 @@ def update_sf_factored(g: torch.Tensor, y: torch.Tensor, z: torch.Tensor, a: tor
     rounding.table_starts of the y and z streams at the piece's flat offset). With ``samples = (start, out)``, z's
     new values at flat indices start + 11 n are written to ``out`` (g's dtype, one per sample) for the next step's
     statistics. False (nothing written) when it does not apply or the kernels could not be built."""
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in (a, c)):
-        return False
     return _update_sf(g, y, z, a, c, None, scalars, scale, decay, samples, atan2, noise)
 
 
@@ -1241,30 +1250,21 @@ def update_sf_full(g: torch.Tensor, y: torch.Tensor, z: torch.Tensor, v: torch.T
     """:func:`update_sf_factored` with the full second moment ``v`` (``factored=False``; g's shape and dtype, viewed
     2-D like g) instead of the factors: the denominator sqrt(v) (+ d eps) rounded like the storage. With ``scale``
     (StableAdamW) v was updated by the RMS pass (:func:`rms_full_sf`); without, it is updated here first."""
-    if v.dtype != g.dtype or v.shape != g.shape or v.device.type != "cpu" or not v.is_contiguous():
-        return False
     return _update_sf(g, y, z, None, None, v, scalars, scale, decay, samples, atan2, noise)
 
 
 def _update_sf(g, y, z, a, c, v, scalars, scale, decay, samples, atan2, noise) -> bool:
-    dtype = g.dtype
-    if g.dim() != 2 or decay not in _DECAYS or (atan2 and scale is not None) or dtype not in (torch.float32,
-                                                                                             torch.bfloat16) \
-            or any(t.device.type != "cpu" or not t.is_contiguous() for t in (g, y, z)) \
-            or any(t.dtype != dtype for t in (y, z)) or scalars.dtype != torch.float32 \
-            or scalars.device.type != "cpu" or (scale is not None and (scale.dtype != torch.float32
-                                                                      or scale.device.type != "cpu")):
-        return False
-    table, start_y, start_z = noise if noise is not None else (None, 0, 0)
-    if table is not None and (dtype != torch.bfloat16 or table.dtype != torch.int32 or table.device.type != "cpu"
-                              or not table.is_contiguous() or g.shape[1] > table.numel() // 2):
-        return False
+    # (the C++ function checks the dtypes, devices and layouts: this runs once per tensor and step, and the same
+    # checks in Python cost several microseconds)
+    if decay not in _DECAYS:
+        raise ValueError(f"decay must be one of {sorted(_DECAYS)}, got {decay!r}")
     module = _load()
     if module is None:
         return False
+    table, start_y, start_z = noise if noise is not None else (None, 0, 0)
     start, out = samples if samples is not None else (-1, None)
-    module.update_sf(g, y, z, a, c, v, scalars, scale, _DECAYS[decay], atan2, start, out, table, start_y, start_z)
-    return True
+    return module.update_sf(g, y, z, a, c, v, scalars, scale, _DECAYS[decay], atan2, start, out, table, start_y,
+                            start_z)
 
 
 def factors(rs: list[torch.Tensor], cs: list[torch.Tensor], row_parts: list[torch.Tensor],
