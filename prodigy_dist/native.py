@@ -815,7 +815,10 @@ bool update_sf(torch::Tensor g, torch::Tensor y, torch::Tensor z, c10::optional<
 // factors of the estimate (prodigy_dist.compiled._factors, whose multi-tensor calls cost more host time than the
 // arithmetic): moment <- beta2 moment + alpha (part * inv_count) for (r, row part, 1 / size along dr) and (c, column
 // part, 1 / size along dc); then sqrt(r / (sum r / n_dc + 1e-30)) and sqrt(c). The sum of r is `r_totals[i]` where
-// defined (the reduced sum of a piece sharded along dc). Torch computes the sums and the square roots, as there.
+// defined (the reduced sum of a piece sharded along dc). 2-D tensors only; nothing (and nothing written) unless every
+// tensor is a contiguous fp32 CPU one. The sum of r is taken in double and the
+// square roots with std::sqrt, without ATen operations (eight per tensor cost more than the arithmetic): equal to the
+// multi-tensor operations there up to an ulp (their fp32 sum's order).
 std::vector<torch::Tensor> factors_(std::vector<torch::Tensor> rs, std::vector<torch::Tensor> cs,
                                     std::vector<torch::Tensor> row_parts, std::vector<torch::Tensor> col_parts,
                                     std::vector<double> inv_r, std::vector<double> inv_c, std::vector<int64_t> n_dc,
@@ -824,6 +827,10 @@ std::vector<torch::Tensor> factors_(std::vector<torch::Tensor> rs, std::vector<t
   const size_t n = rs.size();
   TORCH_CHECK(cs.size() == n && row_parts.size() == n && col_parts.size() == n && inv_r.size() == n &&
               inv_c.size() == n && n_dc.size() == n && dcs.size() == n && r_totals.size() == n, "one entry per tensor");
+  for (size_t i = 0; i < n; ++i)  // (all checked before anything is written)
+    if (!(cpu_dense(rs[i], torch::kFloat) && cpu_dense(cs[i], torch::kFloat) &&
+          cpu_dense(row_parts[i], torch::kFloat) && cpu_dense(col_parts[i], torch::kFloat)))
+      return {};
   const float b2 = float(beta2), al = float(alpha);
   std::vector<torch::Tensor> out;
   out.reserve(2 * n);
@@ -831,9 +838,7 @@ std::vector<torch::Tensor> factors_(std::vector<torch::Tensor> rs, std::vector<t
     for (int k = 0; k < 2; ++k) {
       torch::Tensor& m = k == 0 ? rs[i] : cs[i];
       const torch::Tensor& part = k == 0 ? row_parts[i] : col_parts[i];
-      TORCH_CHECK(m.scalar_type() == torch::kFloat && part.scalar_type() == torch::kFloat && m.is_contiguous() &&
-                  part.is_contiguous() && m.numel() == part.numel() && m.device().is_cpu() && part.device().is_cpu(),
-                  "fp32 contiguous CPU moments and parts of one size");
+      TORCH_CHECK(m.numel() == part.numel(), "moments and parts of one size");
       float* __restrict mp = m.data_ptr<float>();
       const float* __restrict pp = part.data_ptr<float>();
       const float inv = float(k == 0 ? inv_r[i] : inv_c[i]);
@@ -841,10 +846,32 @@ std::vector<torch::Tensor> factors_(std::vector<torch::Tensor> rs, std::vector<t
       #pragma omp simd
       for (int64_t j = 0; j < len; ++j) mp[j] = fma_(pp[j] * inv, al, mp[j] * b2);
     }
-    torch::Tensor total = r_totals[i].has_value() ? *r_totals[i] : rs[i].sum(dcs[i], true);
-    torch::Tensor mean = total.div(double(n_dc[i])).add_(1e-30);
-    out.push_back(rs[i].div(mean).sqrt_().reshape(-1));
-    out.push_back(cs[i].sqrt().reshape(-1));
+    // (2-D tensors: r has one value per index of dc, and its sum over dc is the sum of all of them)
+    const float* __restrict r = rs[i].data_ptr<float>();
+    const float* __restrict c = cs[i].data_ptr<float>();
+    const int64_t nr = rs[i].numel(), nc = cs[i].numel();
+    TORCH_CHECK(rs[i].dim() == 2 && cs[i].dim() == 2 && (dcs[i] == 0 || dcs[i] == 1) && rs[i].size(dcs[i]) == nr,
+                "2-D factored moments");
+    float total;
+    if (r_totals[i].has_value()) {
+      TORCH_CHECK(cpu_dense(*r_totals[i], torch::kFloat) && r_totals[i]->numel() == 1, "r_totals: one fp32 value");
+      total = r_totals[i]->data_ptr<float>()[0];
+    } else {
+      double sum = 0.0;
+      for (int64_t j = 0; j < nr; ++j) sum += r[j];
+      total = float(sum);
+    }
+    const float mean = total / float(n_dc[i]) + 1e-30f;
+    auto rn = torch::empty({nr}, rs[i].options());
+    auto sc = torch::empty({nc}, cs[i].options());
+    float* __restrict rp = rn.data_ptr<float>();
+    float* __restrict cp = sc.data_ptr<float>();
+    #pragma omp simd
+    for (int64_t j = 0; j < nr; ++j) rp[j] = std::sqrt(r[j] / mean);
+    #pragma omp simd
+    for (int64_t j = 0; j < nc; ++j) cp[j] = std::sqrt(c[j]);
+    out.push_back(rn);
+    out.push_back(sc);
   }
   return out;
 }
@@ -1069,7 +1096,7 @@ def _load():
                 flags = _ISA_FLAGS.get(isa, [])
                 logger.info("loading the native CPU kernels (%s); the first use on a machine builds them, ~20 s",
                             isa)
-                _module = load_inline(name=f"prodigy_dist_native_v30_{isa.lower() if flags else 'base'}",
+                _module = load_inline(name=f"prodigy_dist_native_v32_{isa.lower() if flags else 'base'}",
                                       cpp_sources=[_SOURCE],
                                       functions=["statistics", "rms_factored", "stochastic_round_",
                                                  "update_sf", "atan2_fast_", "factors_",
@@ -1270,17 +1297,16 @@ def _update_sf(g, y, z, a, c, v, scalars, scale, decay, samples, atan2, noise) -
 def factors(rs: list[torch.Tensor], cs: list[torch.Tensor], row_parts: list[torch.Tensor],
             col_parts: list[torch.Tensor], inv_r: list[float], inv_c: list[float], n_dc: list[int], dcs: list[int],
             r_totals: list[torch.Tensor | None], beta2: float, alpha: float) -> list[torch.Tensor] | None:
-    """The factored second moments ``rs``, ``cs`` of a bucket updated in place with this step's parts, and per
-    tensor [sqrt(r / mean r), sqrt(c)] flattened (prodigy_dist.compiled._factors's operations): r <- beta2 r +
+    """The factored second moments ``rs``, ``cs`` of a bucket's 2-D tensors updated in place with this step's parts,
+    and per tensor [sqrt(r / mean r), sqrt(c)] flattened (prodigy_dist.compiled._factors's operations, up to an ulp:
+    the sum of r in double, the square roots correctly rounded): r <- beta2 r +
     alpha (row part * inv_r), likewise c; mean r = (``r_totals[i]``, or the sum of r over dim ``dcs[i]``) /
     ``n_dc[i]`` + 1e-30. None (nothing written) when it does not apply or the kernels could not be built."""
-    tensors = rs + cs + row_parts + col_parts
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
-        return None
     module = _load()
     if module is None:
         return None
-    return module.factors_(rs, cs, row_parts, col_parts, inv_r, inv_c, n_dc, dcs, r_totals, beta2, alpha)
+    # (the C++ function checks the tensors: the same checks in Python cost more than the arithmetic)
+    return module.factors_(rs, cs, row_parts, col_parts, inv_r, inv_c, n_dc, dcs, r_totals, beta2, alpha) or None
 
 
 def atan2(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:

@@ -417,3 +417,37 @@ def test_list_kernels_refuse_mismatched_lists():
         native.update_sf_full_list(gs, gs, gs, gs, _scalars(), None, "sometimes")
     with pytest.raises(RuntimeError, match="one value per sample"):
         native.statistics_list(gs, (gs, [torch.zeros(2, dtype=torch.bfloat16)] * 2, None, [0, 0], 0.9, 0.1))
+
+
+@pytest.mark.parametrize("dc", [0, 1])
+def test_factors_update_the_moments_and_return_their_normalised_square_roots(dc):
+    """native.factors against the same operations in torch, to an ulp: r <- beta2 r + alpha (row part / n), likewise
+    c, then sqrt(r / (sum r / n_dc + 1e-30)) and sqrt(c) (the sum of r taken over the pieces' ranks where given)."""
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(33, 70), (1, 5), (128, 3)]
+    dims = [(1 - dc, dc)] * len(shapes)  # (dr, dc)
+    rs, cs, row_parts, col_parts = [], [], [], []
+    for shape, (dr, d) in zip(shapes, dims):
+        r_shape, c_shape = list(shape), list(shape)
+        r_shape[dr], c_shape[d] = 1, 1
+        rs.append(torch.rand(r_shape, generator=gen) + 0.1)
+        cs.append(torch.rand(c_shape, generator=gen) + 0.1)
+        row_parts.append(torch.rand(r_shape, generator=gen) * 5)
+        col_parts.append(torch.rand(c_shape, generator=gen) * 5)
+    beta2, alpha = 0.99, 0.01 * 1e-6
+    inv_r = [1.0 / s[dr] for s, (dr, _) in zip(shapes, dims)]
+    inv_c = [1.0 / s[d] for s, (_, d) in zip(shapes, dims)]
+    n_dc = [s[d] for s, (_, d) in zip(shapes, dims)]
+    totals = [None, torch.tensor([7.5]), None]  # (the second as if its rows were sharded along dc)
+    want_r = [r * beta2 + p * i * alpha for r, p, i in zip(rs, row_parts, inv_r)]
+    want_c = [c * beta2 + p * i * alpha for c, p, i in zip(cs, col_parts, inv_c)]
+    out = native.factors(rs, cs, row_parts, col_parts, inv_r, inv_c, n_dc, [dc] * 3, totals, beta2, alpha)
+    for i in range(len(shapes)):
+        torch.testing.assert_close(rs[i], want_r[i], rtol=3e-7, atol=0)
+        torch.testing.assert_close(cs[i], want_c[i], rtol=3e-7, atol=0)
+        total = totals[i] if totals[i] is not None else want_r[i].double().sum().float()
+        mean = total / n_dc[i] + 1e-30
+        torch.testing.assert_close(out[2 * i], (want_r[i] / mean).sqrt().reshape(-1), rtol=3e-7, atol=0)
+        torch.testing.assert_close(out[2 * i + 1], want_c[i].sqrt().reshape(-1), rtol=3e-7, atol=0)
+    assert native.factors([rs[0].double()], [cs[0]], [row_parts[0]], [col_parts[0]], inv_r[:1], inv_c[:1], n_dc[:1],
+                          [dc], [None], beta2, alpha) is None  # (not fp32: nothing written)
