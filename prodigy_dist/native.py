@@ -37,6 +37,15 @@
   its row reductions reload the broadcast scalars in the inner loop; both run at about half of the memory
   bandwidth on a CPU.
 
+* :func:`statistics_list`, :func:`rms_full_sf_list`, :func:`update_sf_full_list` -- the same passes over a list of
+  small tensors (a bucket's norm weights and biases) in one call each, every tensor a single row, whole on one
+  thread, the threads splitting the list.
+
+The kernels check dtypes, devices and memory layouts themselves and report a tensor they do not take (None or
+False from the Python functions: the caller uses its other kernels); the same checks in Python cost several
+microseconds per call, more than the arithmetic of a small tensor. The statistics pass prefetches each row's data
+8 KB ahead in software (20M-parameter GPT, 2 threads, from a cold cache: that pass 2.6 -> 2.15 ms).
+
 Row sums accumulate in fp32 per row and column sums in fp32 per thread, with explicit fused multiply-adds (on one
 core that pass was bound by its arithmetic: wte of GPT-2 124M, 1 thread, 7.7 -> 6.3 ms; g.sum() 4.4 ms); the
 Prodigy sums in fp32 per block of rows and in double across blocks and threads; the RMS sum in fp32 per row and in

@@ -367,7 +367,8 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
                  positions: dict[int, int] | None = None) -> list[Bucket]:
         """Group the parameters by (group, kind, Muon, dtype, device). On one process a large tensor gets a bucket
         of its own, which works in the reusable scratch buffers instead of fresh allocations. Small tensors that
-        can be packed (prodigy_dist.packing) go into packed buckets of at most packing.CAPACITY global elements."""
+        can be packed (prodigy_dist.packing) go into packed buckets of at most packing.CAPACITY global elements, unless
+        the fast path takes them (the native list kernels: prodigy_dist.compiled.choose)."""
         keyed: dict[tuple, Bucket] = {}
         alone = not self._reducer.active
         order = self._param_order()

@@ -22,7 +22,9 @@ only, so that every rank of a sharded run forms the same buckets: a full second 
 with per-tensor sums other than StableAdamW's (cautious, OrthoGrad), no DeepSpeed fragment, fp32 or bf16 storage, and
 a global size below :data:`MAX_NUMEL`. Packs hold at most :data:`CAPACITY` global elements (more tensors make several
 packs), so the flat copies (gradients, parameters, the fp32 temporaries of the update) stay small next to the model. A
-pack of fewer than two tensors is stepped per tensor.
+pack of fewer than two tensors is stepped per tensor. A bucket whose tensors the native list kernels take (a CPU,
+Schedule-Free, the compiled fast path: :func:`prodigy_dist.compiled.choose`) is not packed: they step the tensors
+in place, one call per pass.
 """
 
 from __future__ import annotations
