@@ -767,7 +767,7 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
     # On one process on a CPU, each tensor's RMS pass runs right before its update pass, which then reads g from
     # the cache (a tensor of a few MB) instead of memory; elsewhere all RMS sums first, for one reduction.
     rms_each = V.stable and b.alone and not _on_gpu(b)
-    list_scales = None
+    list_scales = all_scales = None
     if V.stable and not _on_gpu(b):
         rms_k = _kernel("prodigy_rms", _rms_pass, key)
         d_eps = (sc["d"], sc["d"] * b.group["eps"])
@@ -813,6 +813,11 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
     native_sr = stochastic and native.available()
     if native_sr:  # the kernel writes fp32 results into a buffer in cache, native.stochastic_round_ stores them
         V = V._replace(storage="sr_out")
+    if native_update and not V.full and rest and (rms_each or not V.stable or all_scales is not None):
+        # the factored pieces in one native call (each piece's RMS pass right before its update on one process)
+        many_scales = all_scales[list(rest)] if V.stable and not rms_each else None
+        if _native_update_many(b, list(rest), factors, s, V, stochastic, many_scales, rms_each):
+            return
     upd = _kernel("prodigy_update", _update_pass, tuple(V) + (V.stable,))
     for i in rest:
         a, c = factors[i]
@@ -901,12 +906,7 @@ def _native_update(b: Bucket, i: int, a, c, s, scale, V: Variant, stochastic: bo
     if V.full:
         rows = (-1, g.shape[-1]) if g.dim() >= 2 else (1, -1)
         g, y, z = g.reshape(rows), y.reshape(rows), z.reshape(rows)
-    p0 = st.get("p0")
-    out = None
-    if p0 is not None:  # (the last step's buffer is free again: this step's statistics have read it)
-        entry = _samples_entry(z_state)
-        out = entry.values if entry is not None and entry.values.numel() == p0.numel() \
-            and entry.values.dtype == z.dtype else torch.empty(p0.numel(), dtype=z.dtype)
+    out = _samples_buffer(st)
     noise = None
     if stochastic:
         noise = (doubled_table(y.device, b.sr_seed),
@@ -921,6 +921,45 @@ def _native_update(b: Bucket, i: int, a, c, s, scale, V: Variant, stochastic: bo
         return False
     if out is not None:
         _remember_samples(z_state, layout.slice_start, out)
+    return True
+
+
+def _samples_buffer(st: dict) -> torch.Tensor | None:
+    """Where the native update of a piece with state ``st`` writes z's new sampled values: the buffer it wrote last
+    step (free again: this step's statistics have read it) or a new one; None once the Prodigy statistics are off."""
+    p0 = st.get("p0")
+    if p0 is None:
+        return None
+    z = st["z"]
+    entry = _samples_entry(z)
+    if entry is not None and entry.values.numel() == p0.numel() and entry.values.dtype == z.dtype:
+        return entry.values
+    return torch.empty(p0.numel(), dtype=z.dtype)
+
+
+def _native_update_many(b: Bucket, idx: list[int], factors, s, V: Variant, stochastic: bool,
+                        scales: torch.Tensor | None, rms_each: bool) -> bool:
+    """:func:`_native_update` of the factored pieces ``idx`` in one native call (CPU): their StableAdamW divisors
+    from ``scales`` (one per piece, in ``idx`` order), or with ``rms_each`` from each piece's RMS pass right before
+    its update (one process). False (nothing written) where the native kernels do not take every piece."""
+    states, layouts = b.states, b.layouts
+    outs = [_samples_buffer(states[i]) for i in idx]
+    starts = [layouts[i].slice_start if out is not None else -1 for i, out in zip(idx, outs)]
+    noise = None
+    if stochastic:
+        streams = [table_starts(b.sc["k"], layouts[i].flat_offset, key=b.positions[i]) for i in idx]
+        noise = (doubled_table(b.params[0].device, b.sr_seed), [y for y, _ in streams], [z for _, z in streams])
+    rms = None
+    if rms_each:
+        rms = (b.sc["d"], b.sc["d"] * b.group["eps"], [layouts[i].global_numel for i in idx])
+    if not native.update_sf_factored_many(
+            [b.grads[i] for i in idx], [b.params[i].detach() for i in idx], [states[i]["z"] for i in idx],
+            [factors[i][0] for i in idx], [factors[i][1] for i in idx], s, scales, rms, V.decay,
+            list(zip(starts, outs)), atan2=V.atan2, noise=noise):
+        return False
+    for i, start, out in zip(idx, starts, outs):
+        if out is not None:
+            _remember_samples(states[i]["z"], start, out)
     return True
 
 

@@ -767,6 +767,23 @@ static void with_update_variant(torch::ScalarType dtype, bool noise, bool stable
 // (v given) the full second moment; with start >= 0, also z's new values at flat indices start + 11 n into zs (the
 // next step's statistics read them there instead of walking z). bf16: with a table, stochastic rounding (start_y,
 // start_z: the streams' table starts of flat element 0); without, rounding to nearest even.
+// Whether update_sf takes these tensors (dtypes, devices, memory layouts).
+static bool update_applies(const torch::Tensor& g, const torch::Tensor& y, const torch::Tensor& z,
+                           const c10::optional<torch::Tensor>& a, const c10::optional<torch::Tensor>& c,
+                           const c10::optional<torch::Tensor>& v, const torch::Tensor& k,
+                           const c10::optional<torch::Tensor>& table, int64_t start,
+                           const c10::optional<torch::Tensor>& zs) {
+  const auto dtype = g.scalar_type();
+  const auto f32 = torch::kFloat;
+  return (dtype == torch::kFloat || dtype == torch::kBFloat16) && g.dim() == 2 && cpu_dense(g, dtype) &&
+         cpu_dense(y, dtype) && cpu_dense(z, dtype) && cpu_dense(k, f32) &&
+         (v.has_value() ? cpu_dense(*v, dtype) :
+                          (a.has_value() && c.has_value() && cpu_dense(*a, f32) && cpu_dense(*c, f32))) &&
+         (!table.has_value() || (dtype == torch::kBFloat16 && cpu_dense(*table, torch::kInt) &&
+                                 g.size(1) <= table->numel() / 2)) &&
+         (start < 0 || (zs.has_value() && cpu_dense(*zs, dtype)));
+}
+
 // Returns false (nothing written) where the tensors' dtypes, devices or memory layouts are not the kernel's; raises on
 // inconsistent arguments (an internal error).
 bool update_sf(torch::Tensor g, torch::Tensor y, torch::Tensor z, c10::optional<torch::Tensor> a,
@@ -775,14 +792,9 @@ bool update_sf(torch::Tensor g, torch::Tensor y, torch::Tensor z, c10::optional<
                c10::optional<torch::Tensor> zs, c10::optional<torch::Tensor> table, int64_t start_y,
                int64_t start_z) {
   const auto dtype = g.scalar_type();
-  const auto f32 = torch::kFloat;
   const bool full = v.has_value();
-  if (!((dtype == torch::kFloat || dtype == torch::kBFloat16) && g.dim() == 2 && cpu_dense(g, dtype) &&
-        cpu_dense(y, dtype) && cpu_dense(z, dtype) && cpu_dense(k, f32) &&
-        (full ? cpu_dense(*v, dtype) : (a.has_value() && c.has_value() && cpu_dense(*a, f32) && cpu_dense(*c, f32))) &&
-        (!scale.has_value() || cpu_dense(*scale, f32)) && (!table.has_value() || (dtype == torch::kBFloat16 &&
-        cpu_dense(*table, torch::kInt) && g.size(1) <= table->numel() / 2)) &&
-        (start < 0 || (zs.has_value() && cpu_dense(*zs, dtype)))))
+  if (!update_applies(g, y, z, a, c, v, k, table, start, zs) || (scale.has_value() &&
+                                                                !cpu_dense(*scale, torch::kFloat)))
     return false;
   TORCH_CHECK(y.sizes() == g.sizes() && z.sizes() == g.sizes(), "g, y, z: one shape");
   TORCH_CHECK(full ? v->sizes() == g.sizes() : (a->numel() == g.size(0) && c->numel() == g.size(1)),
@@ -817,6 +829,78 @@ bool update_sf(torch::Tensor g, torch::Tensor y, torch::Tensor z, c10::optional<
         V::FULL ? static_cast<T*>(v->data_ptr()) : nullptr, ap, cp, rows, cols, kp, sc, start,
         static_cast<T*>(zs_ptr), table_ptr, table_size, start_y, start_z);
   });
+  return true;
+}
+
+// update_sf for the factored tensors of a bucket in one call, tensor after tensor (each pass over all threads): the
+// Python-level work of a call per tensor costs more, from a cold cache, than the arithmetic of a small matrix. With
+// rms_each (one process) each tensor's StableAdamW divisor comes from its RMS pass right before its update (so the
+// update reads g from cache), computed as rms_factored does; else from scales (one per tensor) or none. Returns false
+// (nothing written) unless every tensor is the kernel's.
+bool update_sf_factored_many(std::vector<torch::Tensor> gs, std::vector<torch::Tensor> ys,
+                             std::vector<torch::Tensor> zs, std::vector<torch::Tensor> as,
+                             std::vector<torch::Tensor> cs, torch::Tensor k, c10::optional<torch::Tensor> scales,
+                             bool rms_each, double d, double eps_term, std::vector<int64_t> numels, int64_t decay,
+                             bool atan2, std::vector<int64_t> starts,
+                             std::vector<c10::optional<torch::Tensor>> samples_out, c10::optional<torch::Tensor> table,
+                             std::vector<int64_t> start_y, std::vector<int64_t> start_z) {
+  const size_t n = gs.size();
+  TORCH_CHECK(ys.size() == n && zs.size() == n && as.size() == n && cs.size() == n && numels.size() == n &&
+              starts.size() == n && samples_out.size() == n && (!table.has_value() || (start_y.size() == n &&
+              start_z.size() == n)), "one entry per tensor");
+  const c10::optional<torch::Tensor> none;
+  for (size_t i = 0; i < n; ++i)
+    if (gs[i].scalar_type() != gs[0].scalar_type() ||
+        !update_applies(gs[i], ys[i], zs[i], as[i], cs[i], none, k, table, starts[i], samples_out[i]))
+      return false;
+  if (scales.has_value() && !cpu_dense(*scales, torch::kFloat)) return false;
+  TORCH_CHECK(!(rms_each && scales.has_value()) && !(atan2 && (rms_each || scales.has_value())),
+              "rms_each or scales, never with atan2");
+  TORCH_CHECK(!scales.has_value() || scales->numel() == int64_t(n), "scales: one per tensor");
+  TORCH_CHECK(k.numel() >= 12 && decay >= 0 && decay <= 2, "k: the step's scalars; decay: 0, 1 or 2");
+  for (size_t i = 0; i < n; ++i) {
+    const torch::Tensor& g = gs[i];
+    TORCH_CHECK(ys[i].sizes() == g.sizes() && zs[i].sizes() == g.sizes() && as[i].numel() == g.size(0) &&
+                cs[i].numel() == g.size(1), "g, y, z: one shape; a, c: the factors of its rows and columns");
+    TORCH_CHECK(starts[i] < 0 || samples_out[i]->numel() == sample_count(g.numel(), starts[i]),
+                "samples: one value per sample");
+  }
+  const auto dtype = gs.empty() ? torch::kFloat : gs[0].scalar_type();
+  const int32_t* table_ptr = table.has_value() ? table->data_ptr<int32_t>() : nullptr;
+  const int64_t table_size = table.has_value() ? table->numel() / 2 : 0;
+  const float* kp = k.data_ptr<float>();
+  const bool stable = rms_each || scales.has_value();
+  for (size_t i = 0; i < n; ++i) {
+    const torch::Tensor& g = gs[i];
+    const int64_t rows = g.size(0), cols = g.size(1);
+    const float* ap = as[i].data_ptr<float>();
+    const float* cp = cs[i].data_ptr<float>();
+    if (table_ptr != nullptr)
+      TORCH_CHECK(start_y[i] >= 0 && start_z[i] >= 0 && start_y[i] < table_size && start_z[i] < table_size,
+                  "table starts: in the table");
+    float scale = 1.f;
+    if (rms_each) {
+      const double total = dtype == torch::kFloat ?
+          rms_rows<float>(g.data_ptr<float>(), ap, cp, rows, cols, float(d), float(eps_term)) :
+          rms_rows<uint16_t>(reinterpret_cast<const uint16_t*>(g.data_ptr()), ap, cp, rows, cols, float(d),
+                             float(eps_term));
+      scale = sum_or_divisor(total, numels[i], g.options().dtype(torch::kFloat)).data_ptr<float>()[0];
+    } else if (scales.has_value()) {
+      scale = scales->data_ptr<float>()[i];
+    }
+    void* out = starts[i] >= 0 ? samples_out[i]->data_ptr() : nullptr;
+    with_update_variant(dtype, table_ptr != nullptr, stable, decay, atan2, false, [&](auto variant) {
+      using V = decltype(variant);
+      using T = typename V::T;
+      if constexpr (!V::FULL) {
+        update_rows<T, V::STORE, V::STABLE, V::DECAY, V::ATAN2, false>(
+            static_cast<const T*>(g.data_ptr()), static_cast<T*>(ys[i].data_ptr()),
+            static_cast<T*>(zs[i].data_ptr()), nullptr, ap, cp, rows, cols, kp, scale, starts[i],
+            static_cast<T*>(out), table_ptr, table_size, table_ptr != nullptr ? start_y[i] : 0,
+            table_ptr != nullptr ? start_z[i] : 0);
+      }
+    });
+  }
   return true;
 }
 
@@ -1105,12 +1189,12 @@ def _load():
                 flags = _ISA_FLAGS.get(isa, [])
                 logger.info("loading the native CPU kernels (%s); the first use on a machine builds them, ~20 s",
                             isa)
-                _module = load_inline(name=f"prodigy_dist_native_v32_{isa.lower() if flags else 'base'}",
+                _module = load_inline(name=f"prodigy_dist_native_v33_{isa.lower() if flags else 'base'}",
                                       cpp_sources=[_SOURCE],
                                       functions=["statistics", "rms_factored", "stochastic_round_",
                                                  "update_sf", "atan2_fast_", "factors_",
                                                  "rms_prodigy_factored", "rms_full_sf", "statistics_list",
-                                                 "rms_full_sf_list", "update_sf_full_list"],
+                                                 "rms_full_sf_list", "update_sf_full_list", "update_sf_factored_many"],
                                       extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"] + flags,
                                       extra_ldflags=["-fopenmp"],
                                       verbose=False)
@@ -1287,6 +1371,29 @@ def update_sf_full(g: torch.Tensor, y: torch.Tensor, z: torch.Tensor, v: torch.T
     2-D like g) instead of the factors: the denominator sqrt(v) (+ d eps) rounded like the storage. With ``scale``
     (StableAdamW) v was updated by the RMS pass (:func:`rms_full_sf`); without, it is updated here first."""
     return _update_sf(g, y, z, None, None, v, scalars, scale, decay, samples, atan2, noise)
+
+
+def update_sf_factored_many(gs: list[torch.Tensor], ys: list[torch.Tensor], zs: list[torch.Tensor],
+                            as_: list[torch.Tensor], cs: list[torch.Tensor], scalars: torch.Tensor,
+                            scales: torch.Tensor | None, rms: tuple[float, float, list[int]] | None, decay: str,
+                            samples: list[tuple[int, torch.Tensor | None]], atan2: bool = False,
+                            noise: tuple[torch.Tensor, list[int], list[int]] | None = None) -> bool:
+    """:func:`update_sf_factored` for several factored tensors in one call, tensor after tensor (each pass over all
+    threads). StableAdamW: ``scales`` (one divisor per tensor), or ``rms = (d, d * eps, global element counts)``:
+    each tensor's divisor from its :func:`rms_factored` pass right before its update (which then reads g from
+    cache); neither: none. ``samples``: per tensor (start, out), start -1 for none; ``noise``: (table, starts of
+    the y stream, starts of the z stream) per tensor. False (nothing written) unless the kernel takes every tensor
+    or when the kernels could not be built."""
+    if decay not in _DECAYS:
+        raise ValueError(f"decay must be one of {sorted(_DECAYS)}, got {decay!r}")
+    module = _load()
+    if module is None:
+        return False
+    d, eps_term, numels = rms if rms is not None else (0.0, 0.0, [0] * len(gs))
+    table, starts_y, starts_z = noise if noise is not None else (None, [], [])
+    return module.update_sf_factored_many(gs, ys, zs, as_, cs, scalars, scales, rms is not None, d, eps_term, numels,
+                                          _DECAYS[decay], atan2, [st for st, _ in samples],
+                                          [out for _, out in samples], table, starts_y, starts_z)
 
 
 def _update_sf(g, y, z, a, c, v, scalars, scale, decay, samples, atan2, noise) -> bool:

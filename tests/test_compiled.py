@@ -148,16 +148,17 @@ def test_native_update_equals_the_compiled_update(monkeypatch, dtype, options):
     from prodigy_dist import native
     if not native.available():
         pytest.skip("the native CPU kernels could not be built here")
-    calls = {"update_sf_factored": 0, "update_sf_full": 0, "update_sf_full_list": 0}
+    calls = {"update_sf_factored_many": 0, "update_sf_factored": 0, "update_sf_full": 0, "update_sf_full_list": 0}
     for name in calls:
         monkeypatch.setattr(native, name, lambda *a, _f=getattr(native, name), _n=name, **k:
                             calls.__setitem__(_n, calls[_n] + 1) or _f(*a, **k))
     pa, oa = run("compiled", options, dtype, steps=6)
-    # every step: the 3 matrices one by one, and the small unfactored tensors (the 1-D one; unfactored, all 4) in
+    # every step: the 3 matrices in one call, and the small unfactored tensors (the 1-D one; unfactored, all 4) in
     # one list call
-    assert calls == ({"update_sf_factored": 0, "update_sf_full": 0, "update_sf_full_list": 6}
-                     if options.get("factored") is False
-                     else {"update_sf_factored": 3 * 6, "update_sf_full": 0, "update_sf_full_list": 6})
+    assert calls == ({"update_sf_factored_many": 0, "update_sf_factored": 0, "update_sf_full": 0,
+                      "update_sf_full_list": 6} if options.get("factored") is False
+                     else {"update_sf_factored_many": 6, "update_sf_factored": 0, "update_sf_full": 0,
+                           "update_sf_full_list": 6})
     for name in calls:
         monkeypatch.setattr(native, name, lambda *a, **k: False)
     monkeypatch.setattr(compiled, "LIST_MAX", 0)  # no list kernels: every tensor through the compiled update

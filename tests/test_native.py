@@ -148,18 +148,19 @@ def test_not_applicable_returns_none():
 def test_compiled_path_uses_it(monkeypatch):
     from prodigy_dist import ProdigyPlusScheduleFree
 
-    calls, rms_calls = [], []
-    original, original_rms = native.statistics, native.rms_factored
+    calls, update_calls = [], []
+    original, original_update = native.statistics, native.update_sf_factored_many
     monkeypatch.setattr(native, "statistics", lambda g, *a: calls.append((tuple(g.shape), a[0] is not None))
                         or original(g, *a))
-    monkeypatch.setattr(native, "rms_factored",
-                        lambda g, *a, **k: rms_calls.append(tuple(g.shape)) or original_rms(g, *a, **k))
+    monkeypatch.setattr(native, "update_sf_factored_many", lambda gs, *a, **k: update_calls.append(
+        ([tuple(g.shape) for g in gs], a[6] is not None)) or original_update(gs, *a, **k))
     torch.manual_seed(0)
     model = torch.nn.Linear(300, 200)
     opt = ProdigyPlusScheduleFree(model.parameters(), fast_path="compiled")
     model(torch.randn(8, 300)).square().mean().backward()
     opt.step()
-    assert ((200, 300), True) in calls and (200, 300) in rms_calls  # with the Prodigy statistics
+    assert ((200, 300), True) in calls  # with the Prodigy statistics
+    assert update_calls == [([(200, 300)], True)]  # its RMS pass right before its update, in the same call
 
 
 def test_stochastic_rounding_has_the_bits_of_the_rounding_module():
@@ -226,8 +227,9 @@ def test_adam_atan2_takes_the_native_update(monkeypatch):
     from prodigy_dist import ProdigyPlusScheduleFree
 
     calls = []
-    original = native.update_sf_factored
-    monkeypatch.setattr(native, "update_sf_factored", lambda *a, **k: calls.append(k.get("atan2")) or original(*a, **k))
+    original = native.update_sf_factored_many
+    monkeypatch.setattr(native, "update_sf_factored_many",
+                        lambda *a, **k: calls.append(k.get("atan2")) or original(*a, **k))
     torch.manual_seed(0)
     model = torch.nn.Linear(300, 200)
     opt = ProdigyPlusScheduleFree(model.parameters(), fast_path="compiled", eps=None)
@@ -451,3 +453,46 @@ def test_factors_update_the_moments_and_return_their_normalised_square_roots(dc)
         torch.testing.assert_close(out[2 * i + 1], want_c[i].sqrt().reshape(-1), rtol=3e-7, atol=0)
     assert native.factors([rs[0].double()], [cs[0]], [row_parts[0]], [col_parts[0]], inv_r[:1], inv_c[:1], n_dc[:1],
                           [dc], [None], beta2, alpha) is None  # (not fp32: nothing written)
+
+
+@pytest.mark.parametrize("mode", ["rms_each", "scales", "none", "atan2", "bf16_sr", "bf16_rne"])
+def test_update_many_matches_the_single_tensor_kernels(mode):
+    """update_sf_factored_many against rms_factored and update_sf_factored tensor by tensor: the same y, z and
+    compact sample bits."""
+    from prodigy_dist import rounding
+    dtype = torch.bfloat16 if mode.startswith("bf16") else torch.float32
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(33, 70), (1, 5), (128, 3), (64, 2000)]
+    gs = [(torch.randn(s, generator=gen) * 1e-2).to(dtype) for s in shapes]
+    ys = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    zs = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    as_ = [torch.rand(s[0], generator=gen) * 1e-2 + 1e-3 for s in shapes]
+    cs = [torch.rand(s[1], generator=gen) * 1e-2 + 1e-3 for s in shapes]
+    k = _scalars()
+    d, eps_term = k[0].item(), k[1].item()
+    starts = [3, -1, 0, 7]
+    outs = [torch.empty((g.numel() - st + 10) // 11, dtype=dtype) if st >= 0 else None for g, st in zip(gs, starts)]
+    table = rounding.doubled_table(torch.device("cpu"), 0)
+    streams = [rounding.table_starts(3, 0, key=i) for i in range(len(shapes))]
+    noise = (table, [y for y, _ in streams], [z for _, z in streams]) if mode == "bf16_sr" else None
+    scales = torch.tensor([1.0, 1.5, 2.0, 1.2]) if mode == "scales" else None
+    rms = (d, eps_term, [g.numel() for g in gs]) if mode in ("rms_each", "bf16_sr", "bf16_rne") else None
+    atan2 = mode == "atan2"
+    y1, z1 = [y.clone() for y in ys], [z.clone() for z in zs]
+    o1 = [o.clone() if o is not None else None for o in outs]
+    assert native.update_sf_factored_many(gs, y1, z1, as_, cs, k, scales, rms, "raw", list(zip(starts, o1)),
+                                          atan2=atan2, noise=noise)
+    for i, g in enumerate(gs):
+        scale = None
+        if rms is not None:
+            scale = native.rms_factored(g, as_[i], cs[i], d, eps_term, numel=g.numel())
+        elif scales is not None:
+            scale = scales[i].reshape(())
+        samples = (starts[i], outs[i]) if starts[i] >= 0 else None
+        assert native.update_sf_factored(g, ys[i], zs[i], as_[i], cs[i], k, scale, "raw", samples, atan2=atan2,
+                                         noise=(table, *streams[i]) if noise else None)
+        assert torch.equal(y1[i], ys[i]) and torch.equal(z1[i], zs[i]), i
+        if outs[i] is not None:
+            assert torch.equal(o1[i], outs[i])
+    assert not native.update_sf_factored_many(gs[:1], [ys[0].t()], zs[:1], as_[:1], cs[:1], k, None, None, "none",
+                                              [(-1, None)])  # (a transposed y: not the kernel's)
