@@ -281,7 +281,10 @@ def choose(b: Bucket, fast_path: str, total_params: Callable[[], int], alone: bo
             and len(_listed(b)) == len(b.params)
         if not lists:
             return False
-    return available(device)
+    if not available(device):
+        return False
+    b.variant = V
+    return True
 
 
 def merge(buckets: list[Bucket]) -> list[Bucket]:
@@ -303,7 +306,7 @@ def merge(buckets: list[Bucket]) -> list[Bucket]:
         if m is None:
             m = merged[key] = Bucket(group=b.group, sc=b.sc, kind=b.kind, muon=b.muon, params=[], grads=[],
                                      states=[], layouts=[], dims=[], sr_seed=b.sr_seed, impl=b.impl,
-                                     alone=b.alone)
+                                     alone=b.alone, variant=b.variant)
             out.append(m)
         m.params += b.params
         m.grads += b.grads
@@ -736,7 +739,7 @@ def _factors(b: Bucket) -> list[tuple[torch.Tensor, torch.Tensor]]:
 @torch.no_grad()
 def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
     """Phase B (same contract as :func:`kernels.update`): yields the StableAdamW sums when that option is on."""
-    V = variant(b)
+    V = b.variant if b.variant is not None else variant(b)  # (choose() found it)
     assert V is not None, "compiled.update on a bucket it does not support"
     s = _scalars(b)
     sc = b.sc
@@ -989,7 +992,11 @@ def _remember_samples(z: torch.Tensor, start: int, values: torch.Tensor) -> None
     except RuntimeError:  # an inference tensor has no version counter: nothing to check against, keep nothing
         return
     key = id(z)
-    ref = weakref.ref(z, lambda _, key=key: _z_samples.pop(key, None))
+    entry = _z_samples.get(key)
+    if entry is not None and entry.ref() is z:  # (the same z as last step: keep its weak reference)
+        ref = entry.ref
+    else:
+        ref = weakref.ref(z, lambda _, key=key: _z_samples.pop(key, None))
     _z_samples[key] = _Samples(ref, version, z.data_ptr(), start, values)
 
 

@@ -93,6 +93,7 @@ class Bucket:
     scratch: ScratchPool | None = None  # only for a bucket of one tensor that runs start to finish alone
     alone: bool = False  # on one process: nothing is summed across ranks, per-tensor sums are final at once
     impl: Any = None  # module with statistics()/update() for this bucket (prodigy_dist.compiled); None: this one
+    variant: Any = None  # set with impl: the compiled variant (prodigy_dist.compiled.Variant) of this step
     pack: Pack | None = None  # set: the tensors are stepped as one flat tensor (prodigy_dist.packing)
     # packed: the flat state roles (Pack.adopt), and the flat gradient ("g") and parameters ("w", Prodigy mode)
     # that phase A gathered for phase B

@@ -306,3 +306,42 @@ def test_add_param_group_after_construction_joins_the_step_counter():
     with pytest.raises(TypeError, match="weight_decey"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))], "weight_decey": 0.1})
     assert len(opt.param_groups) == 2  # the rejected groups did not join
+
+
+def test_buckets_are_reused_until_something_they_depend_on_changes(monkeypatch):
+    """The buckets of a step are reused from the last one (one process) and formed anew when the parameters with
+    gradients, an option, the state, a dtype or the fast path change; reused or not, the steps are the same."""
+    from prodigy_dist import ProdigyPlusScheduleFree
+
+    def run(reuse: bool):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(40, 30)), torch.nn.Parameter(torch.randn(30)),
+                  torch.nn.Parameter(torch.randn(7))]
+        opt = ProdigyPlusScheduleFree(params, d0=1e-3)
+        if not reuse:
+            opt._plan_key = lambda items, scalars: None
+        seen = []
+        for step in range(9):
+            for i, p in enumerate(params):
+                # new gradient tensors every step (zero_grad(set_to_none=True)); the last parameter has none on
+                # steps 3-4
+                p.grad = None if (i == 2 and step in (3, 4)) else (p.detach() - 1) * 0.1 + torch.randn_like(p) * 0.01
+            if step == 6:
+                opt.param_groups[0]["weight_decay"] = 0.1
+            if step == 7:
+                opt.load_state_dict(opt.state_dict())
+            opt.step()
+            seen.append(opt._plan[1] if opt._plan is not None else None)
+        return params, opt, seen
+
+    pa, oa, seen = run(True)
+    pb, ob, _ = run(False)
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)
+    assert oa.param_groups[0]["d"] == ob.param_groups[0]["d"] > 1e-3
+    # step 0 keeps nothing (no state before it), 1 forms them, 2 reuses them, 3 (a parameter without gradient)
+    # forms new ones, 4 reuses those, 5 (all gradients again), 6 (weight decay) and 7 (loaded state) form new ones,
+    # 8 reuses them
+    assert seen[0] is None and seen[1] is not None and seen[2] is seen[1]
+    assert seen[3] is not seen[2] and seen[4] is seen[3]
+    assert seen[5] is not seen[4] and seen[6] is not seen[5] and seen[7] is not seen[6] and seen[8] is seen[7]
