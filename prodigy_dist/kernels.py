@@ -248,8 +248,20 @@ def commit_s(b: Bucket) -> None:
     """Store phase A's new Prodigy ``s`` into the state (once the step is known to be finite)."""
     if b.pack is not None:
         b.flat["s"].copy_(b.s_new[0])
-    else:
-        torch._foreach_copy_([st["s"] for st in b.states], b.s_new)
+        return
+    # A state tensor that owns its memory is replaced by the new one (phase A's own output); a view (of a flat
+    # buffer: packing, DeepSpeed) is copied into. (The copy of every s cost ~0.25 ms a step on a 20M-parameter GPT.)
+    targets, sources = [], []
+    for st, new in zip(b.states, b.s_new):
+        old = st["s"]
+        if old._base is None and new._base is None and new.dtype == old.dtype and new.shape == old.shape \
+                and new.device == old.device:
+            st["s"] = new
+        else:
+            targets.append(old)
+            sources.append(new)
+    if targets:
+        torch._foreach_copy_(targets, sources)
 
 
 def _row_block(t: torch.Tensor, layout: ParamLayout) -> torch.Tensor:
