@@ -642,7 +642,11 @@ def _prodigy_sample(b: Bucket, stats: torch.Tensor) -> None:
     one fused kernel per tensor over its sampled slice."""
     sc, group = b.sc, b.group
     speed = group["use_speed"]
-    if b.prodigy_rows is not None:  # every piece's, from one native call (_list_statistics)
+    n = len(b.params)
+    if b.prodigy_rows is None and len(b.prodigy_parts) == n:  # every piece's from its native pass: one stack
+        parts = [b.prodigy_parts[i] for i in range(n)]
+        b.prodigy_rows = (torch.stack([part[0] for part in parts]), None if speed else [part[1] for part in parts])
+    if b.prodigy_rows is not None:  # every piece's, from one native call (_list_statistics) or stacked above
         sums, s_new = b.prodigy_rows
         data_dtype = kernels.prodigy_data(b, 0).dtype
         stats[:, DOT] = sums[:, 0] if data_dtype == torch.float32 else sums[:, 0].to(data_dtype).float()
