@@ -547,7 +547,8 @@ def _row_col(b: Bucket, i: int, dr: int, dc: int) -> tuple[torch.Tensor, torch.T
 def _oriented(rows: torch.Tensor, cols: torch.Tensor, dr: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A 2-D piece's sums of g^2 along dim 1 (``rows``) and dim 0 (``cols``) as row_col returns them: (sum over
     dr, sum over dc), keepdim."""
-    rows, cols = rows.view(-1, 1), cols.view(1, -1)
+    if rows.dim() == 1:  # (the native pass returns them keepdim already)
+        rows, cols = rows.view(-1, 1), cols.view(1, -1)
     return (cols, rows) if dr == 0 else (rows, cols)
 
 

@@ -409,8 +409,8 @@ std::vector<torch::Tensor> statistics(torch::Tensor g, int64_t start, c10::optio
     return {};
   const int64_t rows = g.size(0), cols = g.size(1), threads = at::get_num_threads();
   const auto f32 = g.options().dtype(torch::kFloat);
-  auto row_out = torch::empty({rows}, f32);
-  auto col_out = torch::empty({cols}, f32);
+  auto row_out = torch::empty({rows, 1}, f32);  // (keepdim shapes: what the optimizer keeps them as)
+  auto col_out = torch::empty({1, cols}, f32);
   auto sums_out = torch::empty({3}, f32);
   std::vector<float> partial(threads * cols, 0.f);
   std::vector<double> sums(threads * 3, 0.0);
@@ -1189,7 +1189,7 @@ def _load():
                 flags = _ISA_FLAGS.get(isa, [])
                 logger.info("loading the native CPU kernels (%s); the first use on a machine builds them, ~20 s",
                             isa)
-                _module = load_inline(name=f"prodigy_dist_native_v33_{isa.lower() if flags else 'base'}",
+                _module = load_inline(name=f"prodigy_dist_native_v35_{isa.lower() if flags else 'base'}",
                                       cpp_sources=[_SOURCE],
                                       functions=["statistics", "rms_factored", "stochastic_round_",
                                                  "update_sf", "atan2_fast_", "factors_",
@@ -1218,7 +1218,7 @@ def _applies(g: torch.Tensor) -> bool:
 def statistics(g: torch.Tensor, sample: tuple | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
     """One pass over ``g`` (a contiguous 2-D fp32/bf16 CPU tensor): the sums of g^2 along dim 1 and along dim 0
-    (fp32), and with ``sample = (start, x, p0, s, beta3, delta[, compact])`` the Prodigy statistics of the elements
+    (fp32, keepdim: shapes (rows, 1) and (1, cols)), and with ``sample = (start, x, p0, s, beta3, delta[, compact])`` the Prodigy statistics of the elements
     at flat index start + 11 n: ``sums`` = fp32 [dot(g, p0 - x), sum |s_new|, 0] where s_new = beta3 s + delta g (bf16,
     returned), or with ``s=None`` (SPEED) [dot, sum |p0 - x|, sum (p0 - x)^2]. ``x`` (z or the parameter) has g's
     shape and dtype, ``p0`` and ``s`` are contiguous bf16 vectors of the sample count. The roundings are those of

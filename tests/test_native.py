@@ -22,9 +22,9 @@ def test_row_and_column_sums_of_squares(shape, dtype):
     rows, cols, none, none_too = native.statistics(g)
     assert none is None and none_too is None
     sq = g.double().square()
-    assert rows.dtype == cols.dtype == torch.float32 and rows.shape == (shape[0],) and cols.shape == (shape[1],)
-    torch.testing.assert_close(rows.double(), sq.sum(1), rtol=1e-5, atol=0)
-    torch.testing.assert_close(cols.double(), sq.sum(0), rtol=1e-5, atol=0)
+    assert rows.dtype == cols.dtype == torch.float32 and rows.shape == (shape[0], 1) and cols.shape == (1, shape[1])
+    torch.testing.assert_close(rows.double(), sq.sum(1, keepdim=True), rtol=1e-5, atol=0)
+    torch.testing.assert_close(cols.double(), sq.sum(0, keepdim=True), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("speed", [False, True], ids=["s", "speed"])
@@ -45,8 +45,8 @@ def test_prodigy_statistics_in_the_same_pass_match_the_compiled_sample_kernel(sh
     beta3, delta = 0.99, 3.7e-4
     rows, cols, sums, s_new = native.statistics(g, (start, x, p0, s, beta3, delta))
     sq = g.double().square()
-    torch.testing.assert_close(rows.double(), sq.sum(1), rtol=1e-5, atol=0)
-    torch.testing.assert_close(cols.double(), sq.sum(0), rtol=1e-5, atol=0)
+    torch.testing.assert_close(rows.double(), sq.sum(1, keepdim=True), rtol=1e-5, atol=0)
+    torch.testing.assert_close(cols.double(), sq.sum(0, keepdim=True), rtol=1e-5, atol=0)
 
     sv = torch.tensor([beta3, delta])
     dot, a1, a2, s_ref = compiled._sample_pass(g.reshape(-1)[start::11], xs, p0, s, sv, speed)
