@@ -93,11 +93,13 @@ def setup_deepspeed() -> None:
 
 
 def _gathering_spy(opt, names_of_layout, names_of_param, record: dict):
-    """Wrap opt._buckets so every gradient the optimizer steps is recorded as a full tensor (summed over ranks
-    later): fragments are placed at their global flat range, whole tensors as they are."""
-    inner = opt._buckets
+    """Wrap opt._buckets (ZeRO 1-3: one call per partition, with positions) and opt._planned_buckets (ZeRO-0: the
+    step of whole tensors, whose buckets may be reused from the step before) so every gradient the optimizer steps
+    is recorded as a full tensor (summed over ranks later): fragments are placed at their global flat range, whole
+    tensors as they are."""
+    inner, inner_planned = opt._buckets, opt._planned_buckets
 
-    def spy(items, scalars, positions=None):
+    def note(items):
         for _, p in items:
             layout = opt._layouts.get(id(p))
             g = p.grad.detach().float().reshape(-1)
@@ -108,9 +110,18 @@ def _gathering_spy(opt, names_of_layout, names_of_param, record: dict):
             else:
                 name = names_of_param[id(p)]
                 record[name] = record.get(name, 0) + g.clone()
-        return inner(items, scalars, positions) if positions is not None else inner(items, scalars)
 
-    opt._buckets = spy
+    def spy(items, scalars, positions=None):
+        if positions is None:
+            return inner(items, scalars)
+        note(items)
+        return inner(items, scalars, positions)
+
+    def planned_spy(items, scalars):
+        note(items)
+        return inner_planned(items, scalars)
+
+    opt._buckets, opt._planned_buckets = spy, planned_spy
 
 
 def run_case(rank: int, world: int, case: dict) -> dict:
@@ -168,7 +179,7 @@ def run_case(rank: int, world: int, case: dict) -> dict:
             engine.backward(loss)
             engine.step()
             losses.append(float(loss.detach()))
-        del base._buckets  # back to the class method
+        del base._buckets, base._planned_buckets  # back to the class methods
         grads.append(record)
     out = {"rank": rank, "d": [float(g["d"]) for g in base._ds_all_groups],
            "k": [int(g["k"]) for g in base._ds_all_groups], "losses": losses, "initial": initial,
