@@ -39,7 +39,10 @@
 
 * :func:`statistics_list`, :func:`rms_full_sf_list`, :func:`update_sf_full_list` -- the same passes over a list of
   small tensors (a bucket's norm weights and biases) in one call each, every tensor a single row, whole on one
-  thread, the threads splitting the list.
+  thread, the threads splitting the list; :func:`update_sf_factored_many` -- the update of a bucket's factored
+  tensors in one call, tensor after tensor, with each one's RMS pass right before its update on one process.
+* :func:`factors` -- the factored second moments' EMA and the square roots of their normalised factors, for a
+  whole bucket in one call.
 
 The kernels check dtypes, devices and memory layouts themselves and report a tensor they do not take (None or
 False from the Python functions: the caller uses its other kernels); the same checks in Python cost several
