@@ -3,7 +3,8 @@ shapes of GPT-2 124M (bench_step.py's set), fp32, default options, 2 threads; Ad
 rounds.
 
   all native                 statistics pass with the Prodigy sums, native StableAdamW RMS pass, native update
-                             (which keeps z's sampled values compact: the statistics pass does not walk z)
+                             (which keeps z's sampled values compact: the statistics pass does not walk z), the
+                             RMS and update passes of the bucket's matrices in one native call
   compiled update            the update pass compiled by inductor (the statistics pass walks z again)
   native stats, no Prodigy   the Prodigy sums in the compiled sample kernel (a strided walk over g and z)
   inductor RMS               the RMS pass compiled by inductor
@@ -38,23 +39,30 @@ base = make_base_tensors(args.set, torch.float32, seed=0)
 params = make_params(base)
 opt = ProdigyPlusScheduleFree(params, fast_path="compiled")
 adamw = torch.optim.AdamW(make_params(base), fused=True)
-stats, rms, update = native.statistics, native.rms_factored, native.update_sf_factored
+stats, rms, update, many = (native.statistics, native.rms_factored, native.update_sf_factored,
+                             native.update_sf_factored_many)
 off = lambda *a, **k: None  # noqa: E731
 no_update = lambda *a, **k: False  # noqa: E731
-modes = {  # name -> (statistics, rms_factored, update_sf_factored), or None for AdamW
-    "all native": (stats, rms, update),
-    "compiled update": (stats, rms, no_update),
-    "native stats, no Prodigy": (lambda g, sample=None: stats(g, None), rms, no_update),
-    "inductor RMS": (stats, off, no_update),
-    "inductor only": (off, off, no_update),
+modes = {  # name -> (statistics, rms_factored, update_sf_factored, update_sf_factored_many), or None for AdamW
+    "all native": (stats, rms, update, many),
+    "compiled update": (stats, rms, no_update, no_update),
+    "native stats, no Prodigy": (lambda g, sample=None: stats(g, None), rms, no_update, no_update),
+    "inductor RMS": (stats, off, no_update, no_update),
+    "inductor only": (off, off, no_update, no_update),
     "AdamW(fused=True)": None,
 }
+KERNELS = ("statistics", "rms_factored", "update_sf_factored", "update_sf_factored_many")
+
+
+def use(kernels) -> None:
+    for name, kernel in zip(KERNELS, kernels):
+        setattr(native, name, kernel)
 
 
 def run(mode: str, n: int = 6) -> float:
     optimizer = adamw if modes[mode] is None else opt
     if modes[mode] is not None:
-        native.statistics, native.rms_factored, native.update_sf_factored = modes[mode]
+        use(modes[mode])
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -69,7 +77,7 @@ results = {m: [] for m in modes}
 for _ in range(args.rounds):
     for m in modes:
         results[m].append(run(m))
-native.statistics, native.rms_factored, native.update_sf_factored = stats, rms, update
+use((stats, rms, update, many))
 fused = statistics.median(results["AdamW(fused=True)"])
 print(f"{args.set}: {sum(p.numel() for p in params) / 1e6:.1f}M params, torch {torch.__version__}, "
       f"{args.threads} threads, {args.rounds} rounds")
