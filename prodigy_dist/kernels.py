@@ -112,6 +112,17 @@ class Bucket:
     prodigy_rows: tuple[torch.Tensor, list[torch.Tensor] | None] | None = None
 
 
+    def release(self) -> None:
+        """Drop what a step read and computed (the gradients included), keeping what the next step can reuse
+        (the optimizer keeps the buckets of a step for the next one)."""
+        self.grads = []
+        self.stats = None
+        self.row_parts, self.col_parts, self.s_new = [], [], []
+        self.r_sums, self.prodigy_parts, self.prodigy_rows = {}, {}, None
+        self.flat.pop("g", None)
+        self.flat.pop("w", None)
+
+
 def sample(t: torch.Tensor, layout: ParamLayout) -> torch.Tensor:
     """The local elements of ``t`` whose global flat index is a multiple of SLICE."""
     return t.reshape(-1)[layout.slice_start::SLICE]

@@ -484,12 +484,16 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
     def _run_step(self, items: list[tuple[int, torch.Tensor]]) -> None:
         scalars = [step_scalars(g) for g in self.param_groups]
         buckets = self._planned_buckets(items, scalars)
-        rows = self._phase_a(buckets)
-        sums = self._finish_statistics(buckets, rows)
-        if sums is None:
-            return
-        self._phase_b(buckets)
-        self._end_step(scalars, sums, stepped={id(b.group) for b in buckets if not b.sc["adopt_first"]})
+        try:
+            rows = self._phase_a(buckets)
+            sums = self._finish_statistics(buckets, rows)
+            if sums is None:
+                return
+            self._phase_b(buckets)
+            self._end_step(scalars, sums, stepped={id(b.group) for b in buckets if not b.sc["adopt_first"]})
+        finally:
+            for b in buckets:  # (kept for the next step: without the gradients, which the caller may free)
+                b.release()
 
     def _phase_a(self, buckets: list[Bucket]) -> torch.Tensor:
         for b in buckets:

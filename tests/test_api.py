@@ -335,6 +335,14 @@ def test_buckets_are_reused_until_something_they_depend_on_changes(monkeypatch):
         return params, opt, seen
 
     pa, oa, seen = run(True)
+    # the kept buckets hold no gradient: set to None, they are freed
+    import gc
+    import weakref
+    grads = [weakref.ref(p.grad) for p in pa]
+    for p in pa:
+        p.grad = None
+    gc.collect()
+    assert all(ref() is None for ref in grads) and oa._plan is not None
     pb, ob, _ = run(False)
     for a, b in zip(pa, pb):
         assert torch.equal(a, b)
