@@ -111,7 +111,6 @@ class Bucket:
     # and the new s per piece (None with SPEED)
     prodigy_rows: tuple[torch.Tensor, list[torch.Tensor] | None] | None = None
 
-
     def release(self) -> None:
         """Drop what a step read and computed (the gradients included), keeping what the next step can reuse
         (the optimizer keeps the buckets of a step for the next one)."""

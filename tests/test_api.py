@@ -353,3 +353,16 @@ def test_buckets_are_reused_until_something_they_depend_on_changes(monkeypatch):
     assert seen[0] is None and seen[1] is not None and seen[2] is seen[1]
     assert seen[3] is not seen[2] and seen[4] is seen[3]
     assert seen[5] is not seen[4] and seen[6] is not seen[5] and seen[7] is not seen[6] and seen[8] is seen[7]
+
+
+def test_a_tensor_in_a_parameter_group_does_not_break_bucket_reuse():
+    """A group entry that does not compare as a bool (a tensor of several values, put there by a user or a
+    framework) makes the buckets be formed anew rather than fail."""
+    from prodigy_dist import ProdigyPlusScheduleFree
+    params = [torch.nn.Parameter(torch.randn(8, 6))]
+    opt = ProdigyPlusScheduleFree(params)
+    for step in range(3):
+        opt.param_groups[0]["custom"] = torch.ones(3) * step
+        params[0].grad = torch.randn_like(params[0])
+        opt.step()
+    assert opt.param_groups[0]["k"] == 4
