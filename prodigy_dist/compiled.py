@@ -86,7 +86,7 @@ import torch.fx.experimental._config as _fx_config
 
 from . import kernels, native
 from .kernels import ABS_S, ATAN2_SCALE, DOT, L2SQ, Bucket
-from .rounding import TABLE_SIZE, doubled_table, round_with_noise, table_starts
+from .rounding import TABLE_SIZE, doubled_table, round_with_noise, table_starts, table_starts_many
 
 logger = logging.getLogger(__name__)
 
@@ -872,8 +872,9 @@ def _update_listed(b: Bucket, listed: list[int], V: Variant, s: torch.Tensor, sc
     StableAdamW divisors, or None)."""
     noise = None
     if V.storage == "sr":
-        starts = [table_starts(b.sc["k"], b.layouts[i].flat_offset, key=b.positions[i]) for i in listed]
-        noise = (doubled_table(b.params[0].device, b.sr_seed), [y for y, _ in starts], [z for _, z in starts])
+        noise = (doubled_table(b.params[0].device, b.sr_seed),
+                 *table_starts_many(b.sc["k"], [b.layouts[i].flat_offset for i in listed],
+                                    [b.positions[i] for i in listed]))
     states = b.states
     if not native.update_sf_full_list([b.grads[i] for i in listed], [b.params[i] for i in listed],
                                       [states[i]["z"] for i in listed], [states[i]["exp_avg_sq"] for i in listed], s,
@@ -894,8 +895,8 @@ def _update_lists(b: Bucket, V: Variant, s, gs, factors, ms, vs, scales, flat) -
     table = starts = None
     if V.storage == "sr":
         table = doubled_table(device, b.sr_seed)
-        starts = torch.tensor([table_starts(b.sc["k"], lay.flat_offset, key=key)
-                               for lay, key in zip(b.layouts, b.positions)], dtype=torch.int64, device=device)
+        ys, zs = table_starts_many(b.sc["k"], [lay.flat_offset for lay in b.layouts], b.positions)
+        starts = torch.tensor(list(zip(ys, zs)), dtype=torch.int64, device=device)
     for idx in _chunks(b, range(len(b.params))):
         zs = [flat(b.states[i]["z"]) if V.schedulefree else None for i in idx]
         k = _kernel("prodigy_update_list", _update_list, tuple(V) + (V.stable, len(idx)))
@@ -957,8 +958,8 @@ def _native_update_many(b: Bucket, idx: list[int], factors, s, V: Variant, stoch
     starts = [layouts[i].slice_start if out is not None else -1 for i, out in zip(idx, outs)]
     noise = None
     if stochastic:
-        streams = [table_starts(b.sc["k"], layouts[i].flat_offset, key=b.positions[i]) for i in idx]
-        noise = (doubled_table(b.params[0].device, b.sr_seed), [y for y, _ in streams], [z for _, z in streams])
+        noise = (doubled_table(b.params[0].device, b.sr_seed),
+                 *table_starts_many(b.sc["k"], [layouts[i].flat_offset for i in idx], [b.positions[i] for i in idx]))
     rms = None
     if rms_each:
         rms = (b.sc["d"], b.sc["d"] * b.group["eps"], [layouts[i].global_numel for i in idx])

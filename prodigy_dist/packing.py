@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from .layout import SLICE, ParamLayout
-from .rounding import doubled_table, round_with_noise, table_starts
+from .rounding import doubled_table, round_with_noise, table_starts_many
 
 logger = logging.getLogger(__name__)
 
@@ -217,8 +217,8 @@ class Pack:
         the tensors' positions in the optimizer)."""
         when = (step, tuple(keys))
         if self._starts is None or self._starts[0] != when:  # both streams' starts, hashed once per step
-            starts = [table_starts(step, offset, key=key) for offset, key in zip(self.flat_offsets, keys)]
-            self._starts = (when, torch.tensor(starts, dtype=torch.long, device=flat.device).t().contiguous())
+            starts = table_starts_many(step, self.flat_offsets, list(keys))
+            self._starts = (when, torch.tensor(starts, dtype=torch.long, device=flat.device))
         # a tensor of n < MAX_NUMEL <= TABLE_SIZE elements reads entries start .. start + n of the doubled table
         index = self.elements.expand(self._starts[1][stream])
         index += self.elements.within()

@@ -20,13 +20,21 @@ TABLE_SIZE = 1 << 20
 _tables: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
+_MIX_START = 0x9E3779B97F4A7C15
+
+
+def _mix_in(h: int, v: int) -> int:
+    """One round of :func:`_mix`: the 64-bit state ``h`` with ``v`` mixed in."""
+    h = (h ^ (v & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
+    h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK64
+    return h ^ (h >> 29)
+
+
 def _mix(*values: int) -> int:
     """splitmix64-style hash of a few integers into a non-negative 63-bit integer."""
-    h = 0x9E3779B97F4A7C15
+    h = _MIX_START
     for v in values:
-        h = (h ^ (v & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
-        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK64
-        h ^= h >> 29
+        h = _mix_in(h, v)
     return h >> 1
 
 
@@ -49,6 +57,17 @@ def table_start(step: int, stream: int, flat_offset: int, *, key: int) -> int:
 def table_starts(step: int, flat_offset: int, *, key: int) -> tuple[int, int]:
     """:func:`table_start` of the parameter's stream (0) and of z's (1)."""
     return table_start(step, 0, flat_offset, key=key), table_start(step, 1, flat_offset, key=key)
+
+
+def table_starts_many(step: int, flat_offsets: list[int], keys: list[int]) -> tuple[list[int], list[int]]:
+    """:func:`table_starts` of several parameters (``keys``, at ``flat_offsets``): the starts of the parameters'
+    stream and of z's, as two lists. The hash of (step, stream) is taken once (a bf16 step of a 20M-parameter GPT
+    hashed its 112 tensors' starts one by one in ~0.4 ms)."""
+    out = []
+    for stream in (0, 1):
+        h = _mix_in(_mix_in(_MIX_START, step), stream)
+        out.append([((_mix_in(h, key) >> 1) + offset) % TABLE_SIZE for offset, key in zip(flat_offsets, keys)])
+    return out[0], out[1]
 
 
 _doubled: dict[tuple[torch.device, int], torch.Tensor] = {}

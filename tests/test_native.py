@@ -496,3 +496,13 @@ def test_update_many_matches_the_single_tensor_kernels(mode):
             assert torch.equal(o1[i], outs[i])
     assert not native.update_sf_factored_many(gs[:1], [ys[0].t()], zs[:1], as_[:1], cs[:1], k, None, None, "none",
                                               [(-1, None)])  # (a transposed y: not the kernel's)
+
+
+def test_table_starts_many_are_the_starts_of_each_parameter():
+    """The noise starts of several parameters hashed together (the (step, stream) part once) equal each one's."""
+    from prodigy_dist import rounding
+    offsets, keys = [0, 7, 123456789, 3, 2 ** 40], [0, 1, 5, 112, 7]
+    for step in (1, 2, 1000, 2 ** 33):
+        ys, zs = rounding.table_starts_many(step, offsets, keys)
+        assert list(zip(ys, zs)) == [rounding.table_starts(step, off, key=key) for off, key in zip(offsets, keys)]
+        assert len(set(ys)) == len(ys) and ys != zs  # (different per parameter and stream)
