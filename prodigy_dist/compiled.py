@@ -86,7 +86,8 @@ import torch.fx.experimental._config as _fx_config
 
 from . import kernels, native
 from .kernels import ABS_S, ATAN2_SCALE, DOT, L2SQ, Bucket
-from .rounding import TABLE_SIZE, doubled_table, round_with_noise, table_starts, table_starts_many
+from .rounding import TABLE_SIZE, doubled_table, round_with_noise, table_starts
+from .rounding import table_starts_many as rounding_starts
 
 logger = logging.getLogger(__name__)
 
@@ -873,8 +874,8 @@ def _update_listed(b: Bucket, listed: list[int], V: Variant, s: torch.Tensor, sc
     noise = None
     if V.storage == "sr":
         noise = (doubled_table(b.params[0].device, b.sr_seed),
-                 *table_starts_many(b.sc["k"], [b.layouts[i].flat_offset for i in listed],
-                                    [b.positions[i] for i in listed]))
+                 *native.table_starts_many(b.sc["k"], [b.layouts[i].flat_offset for i in listed],
+                                           [b.positions[i] for i in listed]))
     states = b.states
     if not native.update_sf_full_list([b.grads[i] for i in listed], [b.params[i] for i in listed],
                                       [states[i]["z"] for i in listed], [states[i]["exp_avg_sq"] for i in listed], s,
@@ -895,7 +896,7 @@ def _update_lists(b: Bucket, V: Variant, s, gs, factors, ms, vs, scales, flat) -
     table = starts = None
     if V.storage == "sr":
         table = doubled_table(device, b.sr_seed)
-        ys, zs = table_starts_many(b.sc["k"], [lay.flat_offset for lay in b.layouts], b.positions)
+        ys, zs = rounding_starts(b.sc["k"], [lay.flat_offset for lay in b.layouts], b.positions)
         starts = torch.tensor(list(zip(ys, zs)), dtype=torch.int64, device=device)
     for idx in _chunks(b, range(len(b.params))):
         zs = [flat(b.states[i]["z"]) if V.schedulefree else None for i in idx]
@@ -959,7 +960,8 @@ def _native_update_many(b: Bucket, idx: list[int], factors, s, V: Variant, stoch
     noise = None
     if stochastic:
         noise = (doubled_table(b.params[0].device, b.sr_seed),
-                 *table_starts_many(b.sc["k"], [layouts[i].flat_offset for i in idx], [b.positions[i] for i in idx]))
+                 *native.table_starts_many(b.sc["k"], [layouts[i].flat_offset for i in idx],
+                                           [b.positions[i] for i in idx]))
     rms = None
     if rms_each:
         rms = (b.sc["d"], b.sc["d"] * b.group["eps"], [layouts[i].global_numel for i in idx])

@@ -68,6 +68,8 @@ import threading
 
 import torch
 
+from . import rounding
+
 logger = logging.getLogger(__name__)
 
 _SOURCE = r"""
@@ -1127,6 +1129,28 @@ void update_sf_full_list(std::vector<torch::Tensor> gs, std::vector<torch::Tenso
   });
 }
 
+// prodigy_dist.rounding.table_starts_many, the same 64-bit arithmetic: one round of its splitmix64-style hash.
+static inline uint64_t mix_in(uint64_t h, uint64_t v) {
+  h = (h ^ v) * 0xBF58476D1CE4E5B9ull;
+  h = (h ^ (h >> 31)) * 0x94D049BB133111EBull;
+  return h ^ (h >> 29);
+}
+
+// The noise-table starts of the parameter's and z's streams of several parameters at `step` (rounding.py's).
+std::vector<std::vector<int64_t>> table_starts_many(int64_t step, std::vector<int64_t> offsets,
+                                                   std::vector<int64_t> keys, int64_t table_size) {
+  TORCH_CHECK(offsets.size() == keys.size() && table_size > 0, "one offset per key");
+  std::vector<std::vector<int64_t>> out(2, std::vector<int64_t>(keys.size()));
+  for (int stream = 0; stream < 2; ++stream) {
+    const uint64_t h = mix_in(mix_in(0x9E3779B97F4A7C15ull, uint64_t(step)), uint64_t(stream));
+    for (size_t i = 0; i < keys.size(); ++i) {
+      TORCH_CHECK(offsets[i] >= 0, "offsets: not negative");
+      out[stream][i] = int64_t(((mix_in(h, uint64_t(keys[i])) >> 1) + uint64_t(offsets[i])) % uint64_t(table_size));
+    }
+  }
+  return out;
+}
+
 // out <- atan2_fast(y, x) (fp32, contiguous, one size): the update's atan2, for its tests.
 void atan2_fast_(torch::Tensor out, torch::Tensor y, torch::Tensor x) {
   TORCH_CHECK(cpu_dense(out, torch::kFloat) && cpu_dense(y, torch::kFloat) && cpu_dense(x, torch::kFloat) &&
@@ -1192,12 +1216,13 @@ def _load():
                 flags = _ISA_FLAGS.get(isa, [])
                 logger.info("loading the native CPU kernels (%s); the first use on a machine builds them, ~20 s",
                             isa)
-                _module = load_inline(name=f"prodigy_dist_native_v35_{isa.lower() if flags else 'base'}",
+                _module = load_inline(name=f"prodigy_dist_native_v36_{isa.lower() if flags else 'base'}",
                                       cpp_sources=[_SOURCE],
                                       functions=["statistics", "rms_factored", "stochastic_round_",
                                                  "update_sf", "atan2_fast_", "factors_",
                                                  "rms_prodigy_factored", "rms_full_sf", "statistics_list",
-                                                 "rms_full_sf_list", "update_sf_full_list", "update_sf_factored_many"],
+                                                 "rms_full_sf_list", "update_sf_full_list",
+                                                 "update_sf_factored_many", "table_starts_many"],
                                       extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"] + flags,
                                       extra_ldflags=["-fopenmp"],
                                       verbose=False)
@@ -1221,9 +1246,9 @@ def _applies(g: torch.Tensor) -> bool:
 def statistics(g: torch.Tensor, sample: tuple | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
     """One pass over ``g`` (a contiguous 2-D fp32/bf16 CPU tensor): the sums of g^2 along dim 1 and along dim 0
-    (fp32, keepdim: shapes (rows, 1) and (1, cols)), and with ``sample = (start, x, p0, s, beta3, delta[, compact])`` the Prodigy statistics of the elements
-    at flat index start + 11 n: ``sums`` = fp32 [dot(g, p0 - x), sum |s_new|, 0] where s_new = beta3 s + delta g (bf16,
-    returned), or with ``s=None`` (SPEED) [dot, sum |p0 - x|, sum (p0 - x)^2]. ``x`` (z or the parameter) has g's
+    (fp32, keepdim: shapes (rows, 1) and (1, cols)), and with ``sample = (start, x, p0, s, beta3, delta[,
+    compact])`` the Prodigy statistics of the elements at flat index start + 11 n: ``sums`` = fp32 [dot(g, p0 - x),
+    sum |s_new|, 0] where s_new = beta3 s + delta g (bf16, returned), or with ``s=None`` (SPEED) [dot, sum |p0 - x|, sum (p0 - x)^2]. ``x`` (z or the parameter) has g's
     shape and dtype, ``p0`` and ``s`` are contiguous bf16 vectors of the sample count. The roundings are those of
     prodigy_dist.compiled._sample_pass, except that the dot of bf16 parameters is left in fp32 (round it).
     ``compact``: x's sampled elements as a contiguous vector (what :func:`update_sf_factored` wrote), read instead
@@ -1426,6 +1451,16 @@ def factors(rs: list[torch.Tensor], cs: list[torch.Tensor], row_parts: list[torc
         return None
     # (the C++ function checks the tensors: the same checks in Python cost more than the arithmetic)
     return module.factors_(rs, cs, row_parts, col_parts, inv_r, inv_c, n_dc, dcs, r_totals, beta2, alpha) or None
+
+
+def table_starts_many(step: int, flat_offsets: list[int], keys: list[int]) -> tuple[list[int], list[int]]:
+    """:func:`prodigy_dist.rounding.table_starts_many` (the same values), hashed natively when the kernels are built
+    (a microsecond or two per parameter in Python)."""
+    module = _load()
+    if module is None:
+        return rounding.table_starts_many(step, flat_offsets, keys)
+    ys, zs = module.table_starts_many(step, flat_offsets, keys, rounding.TABLE_SIZE)
+    return ys, zs
 
 
 def atan2(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:

@@ -506,3 +506,4 @@ def test_table_starts_many_are_the_starts_of_each_parameter():
         ys, zs = rounding.table_starts_many(step, offsets, keys)
         assert list(zip(ys, zs)) == [rounding.table_starts(step, off, key=key) for off, key in zip(offsets, keys)]
         assert len(set(ys)) == len(ys) and ys != zs  # (different per parameter and stream)
+        assert native.table_starts_many(step, offsets, keys) == (ys, zs)  # (hashed natively: the same)
