@@ -1247,12 +1247,13 @@ def statistics(g: torch.Tensor, sample: tuple | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
     """One pass over ``g`` (a contiguous 2-D fp32/bf16 CPU tensor): the sums of g^2 along dim 1 and along dim 0
     (fp32, keepdim: shapes (rows, 1) and (1, cols)), and with ``sample = (start, x, p0, s, beta3, delta[,
-    compact])`` the Prodigy statistics of the elements at flat index start + 11 n: ``sums`` = fp32 [dot(g, p0 - x),
-    sum |s_new|, 0] where s_new = beta3 s + delta g (bf16, returned), or with ``s=None`` (SPEED) [dot, sum |p0 - x|, sum (p0 - x)^2]. ``x`` (z or the parameter) has g's
-    shape and dtype, ``p0`` and ``s`` are contiguous bf16 vectors of the sample count. The roundings are those of
-    prodigy_dist.compiled._sample_pass, except that the dot of bf16 parameters is left in fp32 (round it).
-    ``compact``: x's sampled elements as a contiguous vector (what :func:`update_sf_factored` wrote), read instead
-    of walking x. None when the kernel does not apply or could not be built."""
+    compact])`` the Prodigy statistics of the elements at flat index start + 11 n: ``sums`` = fp32
+    [dot(g, p0 - x), sum |s_new|, 0] where s_new = beta3 s + delta g (bf16, returned), or with ``s=None`` (SPEED)
+    [dot, sum |p0 - x|, sum (p0 - x)^2]. ``x`` (z or the parameter) has g's shape and dtype, ``p0`` and ``s`` are
+    contiguous bf16 vectors of the sample count. The roundings are those of prodigy_dist.compiled._sample_pass,
+    except that the dot of bf16 parameters is left in fp32 (round it). ``compact``: x's sampled elements as a
+    contiguous vector (what :func:`update_sf_factored` wrote), read instead of walking x. None when the kernel does
+    not take the tensors (dtypes, devices, memory layouts) or could not be built."""
     # (the C++ function checks the dtypes, devices and layouts, and returns nothing where they are not its own)
     module = _load()
     if module is None:
