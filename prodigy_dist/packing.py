@@ -82,11 +82,17 @@ class Segments:
         self._within: torch.Tensor | None = None
 
     def sums(self, x: torch.Tensor) -> torch.Tensor:
-        """fp32 sum of each segment of the flat ``x`` (0 for an empty segment)."""
+        """fp32 sum of each segment of the flat ``x`` (0 for an empty segment), accumulated in fp64.
+
+        ``segment_reduce`` adds a segment's elements one after the other; in fp32 its rounding error grows with the
+        segment's length, well past that of the pairwise and vectorised sums of the per-tensor path (a packed
+        4608-element tensor moved d by 1.5e-6 in 30 steps against 4e-7 for a mere change of summation order).
+        Accumulated in fp64 and rounded once, each sum is within about one fp32 ulp of the exact one (the
+        arguments are the Prodigy samples, 1/11 of the elements: the conversion costs little)."""
         if x.dim() != 1 or x.numel() != self.total:
             raise ValueError(f"Invalid flat tensor of shape {tuple(x.shape)}: expected ({self.total},)")
         # unsafe: skips checking lengths against x on the device (a host sync on accelerators); checked above
-        return torch.segment_reduce(x.float(), "sum", lengths=self.lengths, unsafe=True)
+        return torch.segment_reduce(x.double(), "sum", lengths=self.lengths, unsafe=True).float()
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Views of the segments of the flat ``x``."""

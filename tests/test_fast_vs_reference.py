@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from prodigy_dist import ProdigyPlusScheduleFree, fused_backward
+from prodigy_dist import ProdigyPlusScheduleFree, fused_backward, packing
 from prodigy_dist.reference import ReferenceProdigyPlusScheduleFree
 
 from .helpers import DEVICES, MixedModel, loss_of, make_pair, max_rel_diff, train_step, two_groups
@@ -48,29 +48,42 @@ OPTIONS = {
 
 STEPS = 30
 
+#: d's tolerance where the sums are taken in another order than the reference's (see the test below)
+ORDER_FLOOR = {"no_limiter": 5e-3}
 
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "per_tensor"])
 @pytest.mark.parametrize("name", sorted(OPTIONS))
 @pytest.mark.parametrize("device", DEVICES)
-def test_fast_equals_reference_fp32(name, device):
+def test_fast_equals_reference_fp32(name, device, packed, monkeypatch):
+    monkeypatch.setattr(packing, "ENABLED", packed)
     options = OPTIONS[name]
     ma, fast, mb, ref = make_pair(ProdigyPlusScheduleFree, ReferenceProdigyPlusScheduleFree, options, device=device)
+    # A GPU sums in another order, and so do the segment sums of packed tensors (packing.Segments.sums): d's
+    # cancelling sums agree to a few fp32 ulps of their terms (packed on a CPU: up to 8e-7 after 30 steps). Without
+    # the d limiter, d = d_coef * N / den every step and each step's d feeds the next N: a 1.5e-7 difference at the
+    # first step grew to 5e-4 in 30 steps (packed, CPU), so that case is held to its floor (as in
+    # test_parity_upstream.FLOOR_TOL).
+    ordered = device == "cpu" and not packed
+    d_rel = 1e-6 if ordered else ORDER_FLOOR.get(name, 2e-5)
     for step in range(STEPS):
         la = train_step(ma, fast, step)
         lb = train_step(mb, ref, step)
         for ga, gb in zip(fast.param_groups, ref.param_groups):
             assert ga["k"] == gb["k"]
-            # (a GPU sums in another order: d's cancelling sums agree to a few fp32 ulps of their terms)
-            assert ga["d"] == pytest.approx(gb["d"], rel=1e-6 if device == "cpu" else 2e-5), f"step {step}"
+            assert ga["d"] == pytest.approx(gb["d"], rel=d_rel), f"step {step}"
         assert la == pytest.approx(lb, rel=1e-5, abs=1e-7)
     # On a CPU, the same operations in the same order: bitwise equal, except where the fast path sums OrthoGrad's
-    # norms for the reducer instead of calling vector_norm, or keeps SPEED's running values in fp32 tensors. On a
-    # GPU, the multi-tensor kernels and the per-tensor ones of the reference differ in their last bits.
-    exact = device == "cpu" and not (options.get("use_orthograd") or options.get("use_speed"))
-    assert max_rel_diff(ma, mb) == 0.0 if exact else max_rel_diff(ma, mb) < 1e-5
+    # norms for the reducer instead of calling vector_norm, keeps SPEED's running values in fp32 tensors, or sums
+    # the Prodigy samples of packed tensors by segments. On a GPU, the multi-tensor kernels and the per-tensor ones
+    # of the reference differ in their last bits.
+    exact = device == "cpu" and not packed and not (options.get("use_orthograd") or options.get("use_speed"))
+    w_rel = 1e-5 if ordered else max(1e-5, d_rel)
+    assert max_rel_diff(ma, mb) == 0.0 if exact else max_rel_diff(ma, mb) < w_rel
     if fast.param_groups[0]["use_schedulefree"]:
         fast.eval()
         ref.eval()
-        assert max_rel_diff(ma, mb) < 1e-5
+        assert max_rel_diff(ma, mb) < w_rel
     # the run really moved: d grew from d0 and the weights changed
     assert fast.param_groups[0]["d"] > fast.param_groups[0]["d0"] or options.get("use_bias_correction")
 
@@ -128,8 +141,12 @@ def _fused_pair(options):
     return ma, plain, mb, fused
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "per_tensor"])
 @pytest.mark.parametrize("name", ["defaults", "speed", "muon", "prodigy_mode", "cautious", "no_split"])
-def test_fused_backward_equals_step(name):
+def test_fused_backward_equals_step(name, packed, monkeypatch):
+    """The hooks step tensor by tensor: bitwise step() when step() does too; with packing, step() sums the Prodigy
+    samples of small tensors by segments, equal up to float summation order."""
+    monkeypatch.setattr(packing, "ENABLED", packed)
     ma, plain, mb, fused = _fused_pair(OPTIONS[name])
     for step in range(12):
         train_step(ma, plain, step)
@@ -137,8 +154,12 @@ def test_fused_backward_equals_step(name):
         fused.step()  # a no-op: the hooks stepped every parameter during backward
         assert all(p.grad is None for p in mb.parameters())
     assert [g["k"] for g in fused.param_groups] == [g["k"] for g in plain.param_groups] == [13, 13]
-    assert [g["d"] for g in fused.param_groups] == [g["d"] for g in plain.param_groups]
-    assert max_rel_diff(ma, mb) == 0.0
+    if packed:
+        assert [g["d"] for g in fused.param_groups] == pytest.approx([g["d"] for g in plain.param_groups], rel=1e-6)
+        assert max_rel_diff(ma, mb) < 1e-5
+    else:
+        assert [g["d"] for g in fused.param_groups] == [g["d"] for g in plain.param_groups]
+        assert max_rel_diff(ma, mb) == 0.0
 
 
 def test_fused_backward_unused_parameter_and_accumulation():

@@ -211,6 +211,8 @@ def test_pack_positions_sums_and_noise_match_each_tensor():
     assert pack.samples.sizes == [w.numel() for w in want]
     sums = pack.elements.sums(flat)
     torch.testing.assert_close(sums, torch.stack([t.sum() for t in tensors]), rtol=1e-6, atol=1e-6)
+    # accumulated in fp64, then rounded once: the fp32 rounding of the (almost) exact sum
+    assert torch.equal(sums, torch.stack([t.double().sum() for t in tensors]).float())
     assert all(float(s) == 0.0 for s, t in zip(sums, tensors) if t.numel() == 0)
     expanded = pack.elements.expand(torch.arange(len(tensors), dtype=torch.float32))
     assert torch.equal(expanded, torch.cat([torch.full((t.numel(),), float(i)) for i, t in enumerate(tensors)]))
