@@ -40,7 +40,7 @@ from bench_step import TENSOR_SETS, make_base_tensors, make_params  # noqa: E402
 
 from prodigy_dist import ProdigyPlusScheduleFree, native  # noqa: E402
 
-STEP_KERNELS = {"statistics": "statistics", "factors": "factors", "update": "update_sf_factored_many",
+STEP_KERNELS = {"statistics": ("statistics",), "factors": ("factors",), "update": ("update_sf_factored_many",),
                 "other native": ("statistics_list", "rms_full_sf_list", "update_sf_full_list")}
 
 
@@ -74,7 +74,7 @@ def main() -> None:
     current = dict.fromkeys(STEP_KERNELS, 0.0)  # this step's time in each kernel
     originals = {}
     for label, names in STEP_KERNELS.items():
-        for name in (names,) if isinstance(names, str) else names:
+        for name in names:
             kernel = originals[name] = getattr(native, name)
 
             def wrapped(*a, _kernel=kernel, _label=label, **k):

@@ -52,6 +52,12 @@ STEPS = 30
 ORDER_FLOOR = {"no_limiter": 5e-3}
 
 
+def _skip_unless_packing_applies(opt, packed: bool) -> None:
+    """The packed case of options that pack nothing would repeat the per-tensor one with looser bounds."""
+    if packed and not any(packing.group_packable(g) for g in opt.param_groups):
+        pytest.skip("these options pack no tensor: the per_tensor case covers them")
+
+
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "per_tensor"])
 @pytest.mark.parametrize("name", sorted(OPTIONS))
 @pytest.mark.parametrize("device", DEVICES)
@@ -59,6 +65,7 @@ def test_fast_equals_reference_fp32(name, device, packed, monkeypatch):
     monkeypatch.setattr(packing, "ENABLED", packed)
     options = OPTIONS[name]
     ma, fast, mb, ref = make_pair(ProdigyPlusScheduleFree, ReferenceProdigyPlusScheduleFree, options, device=device)
+    _skip_unless_packing_applies(fast, packed)
     # A GPU sums in another order, and so do the segment sums of packed tensors (packing.Segments.sums): d's
     # cancelling sums agree to a few fp32 ulps of their terms (packed on a CPU: up to 8e-7 after 30 steps). Without
     # the d limiter, d = d_coef * N / den every step and each step's d feeds the next N: a 1.5e-7 difference at the
@@ -148,6 +155,7 @@ def test_fused_backward_equals_step(name, packed, monkeypatch):
     samples of small tensors by segments, equal up to float summation order."""
     monkeypatch.setattr(packing, "ENABLED", packed)
     ma, plain, mb, fused = _fused_pair(OPTIONS[name])
+    _skip_unless_packing_applies(plain, packed)
     for step in range(12):
         train_step(ma, plain, step)
         loss_of(mb, step).backward()
