@@ -3,8 +3,10 @@
 On the parameter shapes of bench_step.py's sets (fp32, default options, ``fast_path="auto"``), it times:
 
   step                  one whole ``opt.step()``
-  statistics            the native statistics passes of the step (row and column sums of g^2 and the Prodigy sums)
-  factors, update       the factor updates and the RMS + update passes of the matrices (one native call each)
+  statistics            the native statistics passes of the step (row and column sums of g^2, the Prodigy sums, and
+                        the accumulators of StableAdamW's divisors)
+  factors, update       the factor updates with those divisors, and the update passes of the matrices (one native
+                        call each; an RMS pass before the update only where a divisor could not be taken)
   other native          the native list kernels of the small tensors
   rest                  step minus the native calls: Python, small torch operations, the host sync
 

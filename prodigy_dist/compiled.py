@@ -75,6 +75,7 @@ an inductor error) is logged once at warning level and runs the same Python func
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import sys
 import types
@@ -619,13 +620,37 @@ def _native_pass(b: Bucket, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     Prodigy statistics in the same read of g and leaves them in ``b.prodigy_parts``; None where it does not apply."""
     if b.grads[i].device.type != "cpu":
         return None
-    sums = native.statistics(b.grads[i], _native_sample(b, i))
+    expansion = _expansion(b, i)
+    sums = native.statistics(b.grads[i], _native_sample(b, i), expansion)
     if sums is None:
         return None
-    rows, cols, prodigy, s_new = sums
+    rows, cols, prodigy, s_new = sums[:4]
     if prodigy is not None:
         b.prodigy_parts[i] = (prodigy, s_new)
+    if expansion is not None:
+        b.expansions[i] = sums[4]
     return rows, cols
+
+
+def _expansion(b: Bucket, i: int) -> tuple | None:
+    """What the native statistics pass of the factored piece ``i`` needs to leave the accumulators of its StableAdamW
+    divisor (native.factors explains them): where the update takes each piece's RMS pass right before its update
+    (one process, the native Schedule-Free update), which they then spare. None elsewhere."""
+    if not (b.alone and b.kind == "factored"):
+        return None
+    V = b.variant
+    if V is None or not (V.stable and V.schedulefree and V.storage in ("fp32", "sr", "rne")):
+        return None
+    d, beta2 = b.sc["d"], b.sc["beta2"]
+    inv_d2 = 1.0 / (d * d) if d > 0 else math.inf
+    if not inv_d2 < _FP32_MAX:
+        return None
+    dc = b.dims[i][1]
+    moment = b.states[i]["exp_avg_sq_row" if dc == 0 else "exp_avg_sq_col"]  # the one indexed by g's rows
+    return moment, beta2, (1 - beta2) * d * d, 1.0 / b.layouts[i].global_shape[1], inv_d2
+
+
+_FP32_MAX = torch.finfo(torch.float32).max
 
 
 def _native_sample(b: Bucket, i: int) -> tuple | None:
@@ -722,11 +747,18 @@ def _factors(b: Bucket) -> list[tuple[torch.Tensor, torch.Tensor]]:
     shapes = [lay.global_shape for lay in b.layouts]
     alpha = (1 - beta2) * d * d
     if not _on_gpu(b):  # the same operations in one native call (the multi-tensor calls cost more host time)
+        expansions = None
+        if b.expansions:
+            expansions = ([b.expansions.get(i) for i in range(len(rs))], b.group["eps"],
+                          [lay.global_numel for lay in b.layouts])
         out = native.factors(rs, cs, b.row_parts, b.col_parts, [1.0 / s[dr] for s, (dr, _) in zip(shapes, b.dims)],
                              [1.0 / s[dc] for s, (_, dc) in zip(shapes, b.dims)],
                              [s[dc] for s, (_, dc) in zip(shapes, b.dims)], [dc for _, dc in b.dims],
-                             [b.r_sums[i][1:2] if i in b.r_sums else None for i in range(len(rs))], beta2, alpha)
+                             [b.r_sums[i][1:2] if i in b.r_sums else None for i in range(len(rs))], beta2, alpha,
+                             expansions)
         if out is not None:
+            if expansions is not None:
+                b.divisors = out.pop()
             return [(out[2 * i + 1], out[2 * i]) if dr == 0 else (out[2 * i], out[2 * i + 1])
                     for i, (dr, _) in enumerate(b.dims)]
     for moments, parts, dim in ((rs, b.row_parts, 0), (cs, b.col_parts, 1)):
@@ -827,6 +859,8 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
     if native_update and not V.full and rest and (rms_each or not V.stable or all_scales is not None):
         # the factored pieces in one native call (each piece's RMS pass right before its update on one process)
         many_scales = all_scales[list(rest)] if V.stable and not rms_each else None
+        if rms_each and b.divisors is not None:  # (from the statistics pass; NaN: that piece's RMS pass)
+            many_scales = b.divisors[list(rest)] if listed else b.divisors
         if _native_update_many(b, list(rest), factors, s, V, stochastic, many_scales, rms_each):
             return
     upd = _kernel("prodigy_update", _update_pass, tuple(V) + (V.stable,))

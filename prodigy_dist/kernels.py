@@ -110,6 +110,11 @@ class Bucket:
     # or, when one native call computed them for every piece of the bucket (its small tensors): the (n, 3) sums
     # and the new s per piece (None with SPEED)
     prodigy_rows: tuple[torch.Tensor, list[torch.Tensor] | None] | None = None
+    # piece -> the accumulators from which StableAdamW's divisor follows without an RMS pass (prodigy_dist.native:
+    # statistics, factors), where the native statistics pass computed them; and those divisors once the factors are
+    # updated (NaN where a piece needs its RMS pass)
+    expansions: dict[int, torch.Tensor] = field(default_factory=dict)
+    divisors: torch.Tensor | None = None
 
     def release(self) -> None:
         """Drop what a step read and computed (the gradients included), keeping what the next step can reuse
@@ -118,6 +123,7 @@ class Bucket:
         self.stats = None
         self.row_parts, self.col_parts, self.s_new = [], [], []
         self.r_sums, self.prodigy_parts, self.prodigy_rows = {}, {}, None
+        self.expansions, self.divisors = {}, None
         self.flat.pop("g", None)
         self.flat.pop("w", None)
 
@@ -150,6 +156,7 @@ def statistics(b: Bucket, row_col=None, prodigy_sample=None, sq_norms=None) -> l
     to_reduce: list[torch.Tensor] = []
     gsq: list[torch.Tensor] = []
     b.row_parts, b.col_parts, b.prodigy_parts, b.prodigy_rows = [], [], {}, None
+    b.expansions, b.divisors = {}, None
     if b.kind == "factored":
         b.r_sums = {}
         for i, (g, (dr, dc), layout, st) in enumerate(zip(b.grads, b.dims, b.layouts, b.states)):

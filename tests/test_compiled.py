@@ -175,6 +175,28 @@ def test_native_update_equals_the_compiled_update(monkeypatch, dtype, options):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_stableadamw_divisors_come_from_the_statistics_pass_unless_eps_matters(monkeypatch, dtype):
+    """On one process on a CPU, the matrices' StableAdamW divisors come from the accumulators of their statistics pass
+    (native.factors) instead of an RMS pass over g; where eps is not small against the gradients (eps=1e-3 here) they
+    come out NaN and the update takes the RMS pass. Either way the steps equal the eager path's."""
+    from prodigy_dist import native
+    if not native.available():
+        pytest.skip("the native CPU kernels could not be built here")
+    given = []
+    update_many = native.update_sf_factored_many
+    monkeypatch.setattr(native, "update_sf_factored_many",
+                        lambda *a, **k: given.append(a[6].clone() if a[6] is not None else None) or update_many(*a, **k))
+    for options, taken in (({}, True), (dict(eps=1e-3), False)):
+        given.clear()
+        pc, oc = run("compiled", options, dtype)
+        assert len(given) == 4 and all(s is not None and s.shape == (3,) for s in given)  # the 3 matrices, each step
+        assert all(bool(s.isfinite().all()) == taken and bool(s.isnan().all()) != taken for s in given), given
+        assert all(bool((s > 1).all()) for s in given[:1] if taken)  # (RMS above 1 at the first step)
+        pe, oe = run("eager", options, dtype)
+        assert_close(pc, oc, pe, oe, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_native_update_leaves_z_samples_for_the_next_statistics(monkeypatch, dtype):
     """On a CPU, the native update of factored tensors keeps z's new sampled values, and the next statistics pass
     reads them instead of walking z: bitwise the same steps as walking z; any other write to z voids them."""

@@ -455,10 +455,11 @@ def test_factors_update_the_moments_and_return_their_normalised_square_roots(dc)
                           [dc], [None], beta2, alpha) is None  # (not fp32: nothing written)
 
 
-@pytest.mark.parametrize("mode", ["rms_each", "scales", "none", "atan2", "bf16_sr", "bf16_rne"])
+@pytest.mark.parametrize("mode", ["rms_each", "rms_each_where_no_scale", "scales", "none", "atan2", "bf16_sr",
+                                  "bf16_rne"])
 def test_update_many_matches_the_single_tensor_kernels(mode):
     """update_sf_factored_many against rms_factored and update_sf_factored tensor by tensor: the same y, z and
-    compact sample bits."""
+    compact sample bits (rms_each_where_no_scale: the RMS pass only for the tensors whose given divisor is NaN)."""
     from prodigy_dist import rounding
     dtype = torch.bfloat16 if mode.startswith("bf16") else torch.float32
     gen = torch.Generator().manual_seed(5)
@@ -475,8 +476,9 @@ def test_update_many_matches_the_single_tensor_kernels(mode):
     table = rounding.doubled_table(torch.device("cpu"), 0)
     streams = [rounding.table_starts(3, 0, key=i) for i in range(len(shapes))]
     noise = (table, [y for y, _ in streams], [z for _, z in streams]) if mode == "bf16_sr" else None
-    scales = torch.tensor([1.0, 1.5, 2.0, 1.2]) if mode == "scales" else None
-    rms = (d, eps_term, [g.numel() for g in gs]) if mode in ("rms_each", "bf16_sr", "bf16_rne") else None
+    scales = {"scales": torch.tensor([1.0, 1.5, 2.0, 1.2]),
+              "rms_each_where_no_scale": torch.tensor([1.5, math.nan, 2.0, math.nan])}.get(mode)
+    rms = (d, eps_term, [g.numel() for g in gs]) if mode.startswith(("rms_each", "bf16")) else None
     atan2 = mode == "atan2"
     y1, z1 = [y.clone() for y in ys], [z.clone() for z in zs]
     o1 = [o.clone() if o is not None else None for o in outs]
@@ -484,10 +486,10 @@ def test_update_many_matches_the_single_tensor_kernels(mode):
                                           atan2=atan2, noise=noise)
     for i, g in enumerate(gs):
         scale = None
-        if rms is not None:
-            scale = native.rms_factored(g, as_[i], cs[i], d, eps_term, numel=g.numel())
-        elif scales is not None:
+        if scales is not None and not scales[i].isnan():
             scale = scales[i].reshape(())
+        elif rms is not None:
+            scale = native.rms_factored(g, as_[i], cs[i], d, eps_term, numel=g.numel())
         samples = (starts[i], outs[i]) if starts[i] >= 0 else None
         assert native.update_sf_factored(g, ys[i], zs[i], as_[i], cs[i], k, scale, "raw", samples, atan2=atan2,
                                          noise=(table, *streams[i]) if noise else None)
@@ -507,3 +509,115 @@ def test_table_starts_many_are_the_starts_of_each_parameter():
         assert list(zip(ys, zs)) == [rounding.table_starts(step, off, key=key) for off, key in zip(offsets, keys)]
         assert len(set(ys)) == len(ys) and ys != zs  # (different per parameter and stream)
         assert native.table_starts_many(step, offsets, keys) == (ys, zs)  # (hashed natively: the same)
+
+
+def _divisors_both_ways(g: torch.Tensor, dc: int, d: float, eps: float, r_old=None, c_old=None, beta2: float = 0.99):
+    """StableAdamW's divisor of the factored g both ways: from the accumulators of its statistics pass
+    (native.statistics with ``expansion``, then native.factors), and from the RMS pass over g with the factors
+    (native.rms_factored). dc: the dim r's mean is taken over (r is indexed by g's rows when dc == 0)."""
+    rows, cols = g.shape
+    dr = 1 - dc
+    r_shape, c_shape = [rows, cols], [rows, cols]
+    r_shape[dr], c_shape[dc] = 1, 1
+    r = r_old.clone() if r_old is not None else torch.zeros(r_shape)
+    c = c_old.clone() if c_old is not None else torch.zeros(c_shape)
+    alpha = (1 - beta2) * d * d
+    f_old = r if dc == 0 else c  # the moment indexed by g's rows
+    row_sums, col_sums, _, _, accumulators = native.statistics(g, None, (f_old, beta2, alpha, 1.0 / cols, 1 / d ** 2))
+    assert accumulators.shape == (4, cols)
+    parts = (row_sums, col_sums) if dr == 1 else (col_sums, row_sums)  # (sums over dr, over dc)
+    shape = (rows, cols)
+    out = native.factors([r], [c], [parts[0]], [parts[1]], [1.0 / shape[dr]], [1.0 / shape[dc]], [shape[dc]], [dc],
+                         [None], beta2, alpha, ([accumulators], eps, [g.numel()]))
+    assert len(out) == 3
+    a, b = (out[0], out[1]) if dr == 1 else (out[1], out[0])  # (per row of g, per column)
+    exact = native.rms_factored(g, a, b, d, d * eps, numel=g.numel())
+    # the same sum in float64 from the factors, as the reference path computes it
+    u = (g.double() * d) / (a.double()[:, None] * b.double()[None, :] + d * eps)
+    rms = (u.square().sum() / g.numel()).sqrt().item()
+    return out[2][0].item(), exact.item(), max(rms, 1.0) ** 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dc", [0, 1])
+@pytest.mark.parametrize("shape", [(1, 7), (33, 70), (257, 1000), (3000, 33)])
+def test_expansion_gives_the_divisor_of_the_rms_pass(shape, dc, dtype):
+    """StableAdamW's divisor from the statistics pass's accumulators equals the RMS pass's to fp32 rounding, for
+    gradients large against eps, the first step (moments zero) and a later one, and rows and columns of zeros."""
+    gen = torch.Generator().manual_seed(7)
+    d = 3e-5
+    for scale, moments in ((1e-2, False), (1e-4, True), (3.0, True)):
+        g = (torch.randn(shape, generator=gen) * scale).to(dtype)
+        if shape[0] > 2:
+            g[1] = 0  # a row of zeros: no term
+            g[:, 2] = 0  # a column of zeros
+        rows, cols = shape
+        r_old = c_old = None
+        if moments:  # a later step: the moments hold earlier gradients' squares (smaller ones)
+            r_shape, c_shape = [rows, cols], [rows, cols]
+            r_shape[1 - dc], c_shape[dc] = 1, 1
+            r_old = torch.rand(r_shape, generator=gen) * (scale * d * 0.3) ** 2  # (both means of d^2 g^2)
+            c_old = torch.rand(c_shape, generator=gen) * (scale * d * 0.3) ** 2
+        expanded, exact, float64 = _divisors_both_ways(g, dc, d, 1e-8, r_old, c_old)
+        assert math.isfinite(expanded), (scale, moments)
+        assert expanded == pytest.approx(exact, rel=5e-7, abs=0) and expanded == pytest.approx(float64, rel=5e-7)
+        assert expanded > 1.3  # (the RMS above 1: the divisor is not just its floor)
+
+
+def test_expansion_declines_where_eps_is_not_negligible_and_is_never_wrong():
+    """Over gradients from far above eps to below it, and eps up to 1e-3, the divisor from the accumulators is NaN
+    (the tensor takes its RMS pass) or equal to the RMS pass's to fp32 rounding. At the first step (x = 0.1 |g|) it is
+    taken where t = eps / x stays under ~2.5e-3: with eps = 1e-8, gradients from 1e-4 up."""
+    gen = torch.Generator().manual_seed(8)
+    taken = {}
+    for eps in (1e-8, 1e-6, 1e-3):
+        for exponent in range(-12, 3):
+            for small_columns in (False, True):
+                g = torch.randn(64, 96, generator=gen) * 10.0 ** exponent
+                if small_columns:
+                    g[:, :5] *= 1e-3  # t = eps / x is largest there
+                expanded, exact, float64 = _divisors_both_ways(g, 0, 1e-4, eps)
+                if math.isnan(expanded):
+                    continue
+                taken[eps, exponent, small_columns] = expanded
+                assert expanded == pytest.approx(exact, rel=5e-7) and expanded == pytest.approx(float64, rel=5e-7), \
+                    (eps, exponent, small_columns)
+    assert {e for eps, e, small in taken if eps == 1e-8 and not small} == set(range(-4, 3))
+    assert {e for eps, e, small in taken if eps == 1e-3 and not small} == {1, 2}
+    assert {e for eps, e, small in taken if eps == 1e-8 and small} == set(range(-1, 3))
+    # one row of gradients far below the others (t large there), or far below even a tiny eps, where its moment
+    # leaves the window of [1e-18, 1e18] d^2 in which f^-2 stays in fp32's range: declined (no overflow, and no NaN
+    # term that would pass unseen)
+    for eps in (1e-8, 1e-30):
+        g = torch.randn(64, 96, generator=gen)
+        g[3] *= 1e-12
+        assert math.isnan(_divisors_both_ways(g, 0, 1e-4, eps)[0])
+    g = torch.randn(64, 96, generator=gen)
+    g[3] *= 1e-6  # (f ~ 1e-14: inside the window, and t small with this eps)
+    expanded, exact, _ = _divisors_both_ways(g, 0, 1e-4, 1e-30)
+    assert expanded == pytest.approx(exact, rel=5e-7)
+    zero = torch.zeros(16, 32)
+    assert _divisors_both_ways(zero, 1, 1e-4, 1e-8)[:2] == (1.0, 1.0)  # g zero: RMS 0, the divisor's floor 1
+
+
+def test_expansion_leaves_the_row_and_column_sums_as_they_were():
+    gen = torch.Generator().manual_seed(9)
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape in ((257, 1000), (3, 5), (1000, 77)):
+            g = torch.randn(shape, generator=gen).to(dtype)
+            plain = native.statistics(g)
+            expanded = native.statistics(g, None, (torch.rand(shape[0], generator=gen), 0.99, 0.01, 1 / shape[1], 1.0))
+            assert torch.equal(plain[0], expanded[0]) and torch.equal(plain[1], expanded[1])
+            # the accumulators: g^2 f^-1, f^-3/2, f^-2 per column, and the least f of the rows
+    g = torch.randn(40, 24, generator=gen)
+    g[5] = 0
+    f_old = torch.rand(40, generator=gen)
+    acc = native.statistics(g, None, (f_old, 0.9, 0.5, 1 / 24, 4.0))[4].double()
+    sq = g.double().square()
+    f = (0.9 * f_old.double() + 0.5 * sq.sum(1) / 24) * 4.0
+    used = sq.sum(1) > 0
+    for k, power in enumerate((-1.0, -1.5, -2.0)):
+        want = (sq[used] * f[used, None] ** power).sum(0)
+        torch.testing.assert_close(acc[k], want, rtol=1e-5, atol=0)
+    assert acc[3, 0].item() == pytest.approx(f[used].min().item(), rel=1e-6)
+    assert native.statistics(g, None, (f_old.double(), 0.9, 0.5, 1 / 24, 4.0)) is None  # f_old not fp32
