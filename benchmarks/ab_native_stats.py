@@ -2,9 +2,12 @@
 shapes of GPT-2 124M (bench_step.py's set), fp32, default options, 2 threads; AdamW(fused=True) timed in the same
 rounds.
 
-  all native                 statistics pass with the Prodigy sums, native StableAdamW RMS pass, native update
-                             (which keeps z's sampled values compact: the statistics pass does not walk z), the
-                             RMS and update passes of the bucket's matrices in one native call
+  all native                 statistics pass with the Prodigy sums and the accumulators of StableAdamW's divisors
+                             (no RMS pass where they can be taken), native update (which keeps z's sampled values
+                             compact: the statistics pass does not walk z), the updates of the bucket's matrices
+                             in one native call
+  RMS passes                 the same without those accumulators: each matrix's native RMS pass right before its
+                             update
   compiled update            the update pass compiled by inductor (the statistics pass walks z again)
   native stats, no Prodigy   the Prodigy sums in the compiled sample kernel (a strided walk over g and z)
   inductor RMS               the RMS pass compiled by inductor
@@ -26,7 +29,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 from bench_step import TENSOR_SETS, make_base_tensors, make_params  # noqa: E402
 
-from prodigy_dist import ProdigyPlusScheduleFree, native  # noqa: E402
+from prodigy_dist import ProdigyPlusScheduleFree, compiled, native  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--set", default="gpt2-124m", choices=sorted(TENSOR_SETS))
@@ -43,12 +46,18 @@ stats, rms, update, many = (native.statistics, native.rms_factored, native.updat
                              native.update_sf_factored_many)
 off = lambda *a, **k: None  # noqa: E731
 no_update = lambda *a, **k: False  # noqa: E731
-modes = {  # name -> (statistics, rms_factored, update_sf_factored, update_sf_factored_many), or None for AdamW
-    "all native": (stats, rms, update, many),
-    "compiled update": (stats, rms, no_update, no_update),
-    "native stats, no Prodigy": (lambda g, sample=None: stats(g, None), rms, no_update, no_update),
-    "inductor RMS": (stats, off, no_update, no_update),
-    "inductor only": (off, off, no_update, no_update),
+expansion = compiled._expansion
+no_expansion = lambda b, i: None  # noqa: E731
+# name -> (statistics, rms_factored, update_sf_factored, update_sf_factored_many, compiled._expansion), or None for
+# AdamW
+modes = {
+    "all native": (stats, rms, update, many, expansion),
+    "RMS passes": (stats, rms, update, many, no_expansion),
+    "compiled update": (stats, rms, no_update, no_update, expansion),
+    "native stats, no Prodigy": (lambda g, sample=None, extra=None: stats(g, None, extra), rms, no_update, no_update,
+                                 expansion),
+    "inductor RMS": (stats, off, no_update, no_update, expansion),
+    "inductor only": (off, off, no_update, no_update, expansion),
     "AdamW(fused=True)": None,
 }
 KERNELS = ("statistics", "rms_factored", "update_sf_factored", "update_sf_factored_many")
@@ -57,12 +66,17 @@ KERNELS = ("statistics", "rms_factored", "update_sf_factored", "update_sf_factor
 def use(kernels) -> None:
     for name, kernel in zip(KERNELS, kernels):
         setattr(native, name, kernel)
+    compiled._expansion = kernels[4]
 
 
 def run(mode: str, n: int = 6) -> float:
     optimizer = adamw if modes[mode] is None else opt
     if modes[mode] is not None:
         use(modes[mode])
+        # (the same gradients every step: d would double every 4 steps and overflow the statistics after ~200 steps;
+        # the time of a step does not depend on d)
+        for group in opt.param_groups:
+            group["d"] = group["d0"]
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -77,7 +91,7 @@ results = {m: [] for m in modes}
 for _ in range(args.rounds):
     for m in modes:
         results[m].append(run(m))
-use((stats, rms, update, many))
+use((stats, rms, update, many, expansion))
 fused = statistics.median(results["AdamW(fused=True)"])
 print(f"{args.set}: {sum(p.numel() for p in params) / 1e6:.1f}M params, torch {torch.__version__}, "
       f"{args.threads} threads, {args.rounds} rounds")
