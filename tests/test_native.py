@@ -601,6 +601,8 @@ def test_expansion_declines_where_eps_is_not_negligible_and_is_never_wrong():
 
 
 def test_expansion_leaves_the_row_and_column_sums_as_they_were():
+    """With the expansion the row and column sums are the same bits; its accumulators are g^2 f^-1, g^2 f^-3/2 and
+    g^2 f^-2 per column over the rows that are not all zeros, and the least f of those rows."""
     gen = torch.Generator().manual_seed(9)
     for dtype in (torch.float32, torch.bfloat16):
         for shape in ((257, 1000), (3, 5), (1000, 77)):
@@ -608,7 +610,6 @@ def test_expansion_leaves_the_row_and_column_sums_as_they_were():
             plain = native.statistics(g)
             expanded = native.statistics(g, None, (torch.rand(shape[0], generator=gen), 0.99, 0.01, 1 / shape[1], 1.0))
             assert torch.equal(plain[0], expanded[0]) and torch.equal(plain[1], expanded[1])
-            # the accumulators: g^2 f^-1, f^-3/2, f^-2 per column, and the least f of the rows
     g = torch.randn(40, 24, generator=gen)
     g[5] = 0
     f_old = torch.rand(40, generator=gen)
