@@ -161,6 +161,12 @@ def variant(b: Bucket) -> Variant | None:
                    moment_dtype=dtype)
 
 
+def _native_schedulefree(V: Variant) -> bool:
+    """Whether the native Schedule-Free kernels (prodigy_dist.native: the update passes, their list forms) take
+    variant ``V``: Schedule-Free, fp32 or bf16 storage."""
+    return V.schedulefree and V.storage in ("fp32", "sr", "rne")
+
+
 def _tensor_obstacle(b: Bucket) -> str | None:
     """Why a tensor of bucket ``b`` keeps the bucket off the compiled kernels (a layout of its memory they do not
     take), or None."""
@@ -281,8 +287,7 @@ def choose(b: Bucket, fast_path: str, total_params: Callable[[], int], alone: bo
     if fast_path == "auto" and device.type == "cpu" and total_params() < AUTO_CPU_MIN_PARAMS:
         return False
     if packable or (fast_path == "auto" and alone and b.scratch is None):
-        lists = V.full and V.schedulefree and V.storage in ("fp32", "sr", "rne") \
-            and len(_listed(b)) == len(b.params)
+        lists = V.full and _native_schedulefree(V) and len(_listed(b)) == len(b.params)
         if not lists:
             return False
     if not available(device):
@@ -639,7 +644,7 @@ def _expansion(b: Bucket, i: int) -> tuple | None:
     if not (b.alone and b.kind == "factored"):
         return None
     V = b.variant
-    if V is None or not (V.stable and V.schedulefree and V.storage in ("fp32", "sr", "rne")):
+    if V is None or not (V.stable and _native_schedulefree(V)):
         return None
     d, beta2 = b.sc["d"], b.sc["beta2"]
     inv_d2 = 1.0 / (d * d) if d > 0 else math.inf
@@ -793,7 +798,7 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
         factors = _factors(b)
     # small unfactored Schedule-Free pieces on a CPU: native kernels over the whole list, one call per pass; the
     # others ("rest") one by one
-    listed = _listed(b) if V.full and V.schedulefree and V.storage in ("fp32", "sr", "rne") else []
+    listed = _listed(b) if V.full and _native_schedulefree(V) else []
     in_list = set(listed)
     rest = [i for i in range(n) if i not in in_list] if listed else range(n)
     ms: list = [None] * n
@@ -852,7 +857,7 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
     if listed:
         _update_listed(b, listed, V, s, list_scales)
     stochastic = V.storage == "sr"
-    native_update = V.schedulefree and V.storage in ("fp32", "sr", "rne")
+    native_update = _native_schedulefree(V)
     native_sr = stochastic and native.available()
     if native_sr:  # the kernel writes fp32 results into a buffer in cache, native.stochastic_round_ stores them
         V = V._replace(storage="sr_out")
@@ -860,7 +865,7 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
         # the factored pieces in one native call (each piece's RMS pass right before its update on one process)
         many_scales = all_scales[list(rest)] if V.stable and not rms_each else None
         if rms_each and b.divisors is not None:  # (from the statistics pass; NaN: that piece's RMS pass)
-            many_scales = b.divisors[list(rest)] if listed else b.divisors
+            many_scales = b.divisors  # (a factored bucket: rest is every piece)
         if _native_update_many(b, list(rest), factors, s, V, stochastic, many_scales, rms_each):
             return
     upd = _kernel("prodigy_update", _update_pass, tuple(V) + (V.stable,))
