@@ -140,11 +140,13 @@ def _sq_norm(t: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ phase A
 @torch.no_grad()
-def statistics(b: Bucket, row_col=None, prodigy_sample=None, sq_norms=None) -> list[torch.Tensor]:
+def statistics(b: Bucket, row_col=None, prodigy_sample=None, sq_norms=None, row_col_all=None) -> list[torch.Tensor]:
     """Phase A: fill ``b.row_parts``, ``b.col_parts``, ``b.s_new`` and ``b.stats``; read-only on all state.
 
     ``row_col(b, i, dr, dc)``: optional replacement for the factored statistics of piece ``i`` (the compiled fast
-    path passes its own); returns the fp32 sums of g^2 over dr and over dc, keepdim. ``prodigy_sample(b, stats)``:
+    path passes its own); returns the fp32 sums of g^2 over dr and over dc, keepdim. ``row_col_all(b)``: likewise
+    for every piece of a factored bucket at once, returning (sums over dr, sums over dc, the sums of g^2 as a
+    vector), or None where it does not apply (then ``row_col`` runs piece by piece). ``prodigy_sample(b, stats)``:
     likewise for :func:`_prodigy_sample`; ``sq_norms(b)``: likewise for the sums of g^2 of an unfactored bucket.
 
     Returns the partial sums that must be summed across ranks before phase B (the factored statistics along a
@@ -157,7 +159,11 @@ def statistics(b: Bucket, row_col=None, prodigy_sample=None, sq_norms=None) -> l
     gsq: list[torch.Tensor] = []
     b.row_parts, b.col_parts, b.prodigy_parts, b.prodigy_rows = [], [], {}, None
     b.expansions, b.divisors = {}, None
-    if b.kind == "factored":
+    whole = row_col_all(b) if b.kind == "factored" and row_col_all is not None else None
+    if whole is not None:
+        b.r_sums = {}
+        b.row_parts, b.col_parts, gsq = whole
+    elif b.kind == "factored":
         b.r_sums = {}
         for i, (g, (dr, dc), layout, st) in enumerate(zip(b.grads, b.dims, b.layouts, b.states)):
             if layout.fragment:  # statistics of the whole tensor, summed over every rank's fragments

@@ -494,6 +494,84 @@ static void row_col(const T* g, int64_t rows, int64_t cols, float* row_out, floa
   });
 }
 
+// One tensor's statistics pass into its outputs: row_out (rows), col_out (cols), sums_out (3: the Prodigy sums, in
+// thread order), expand_out (4 x cols, with ep) and, with gsq, the sum of g^2 (the row sums added in double).
+template <typename T>
+static void statistics_into(const T* g, int64_t rows, int64_t cols, const Sample* sp, const Expansion* ep,
+                            float* row_out, float* col_out, float* sums_out, float* expand_out, float* gsq) {
+  const int64_t threads = at::get_num_threads();
+  std::vector<float> partial(threads * cols, 0.f);
+  std::vector<double> sums(threads * 3, 0.0);
+  // (the expansion's accumulators: three rows of cols, then the least f in the first element of a fourth row)
+  std::vector<float> expand_partial, expand_min;
+  if (ep != nullptr) {
+    expand_partial.assign(threads * 3 * cols, 0.f);
+    expand_min.assign(threads, std::numeric_limits<float>::infinity());
+  }
+  row_col<T>(g, rows, cols, row_out, partial.data(), sp, sums.data(), ep, expand_partial.data(), expand_min.data());
+  if (ep != nullptr) {  // the threads' accumulators, added in thread order
+    for (int64_t j = 0; j < 4 * cols; ++j) expand_out[j] = 0.f;
+    for (int64_t t = 0; t < threads; ++t)
+      for (int64_t j = 0; j < 3 * cols; ++j) expand_out[j] += expand_partial[t * 3 * cols + j];
+    expand_out[3 * cols] = *std::min_element(expand_min.begin(), expand_min.end());
+  }
+  // the threads' column sums and Prodigy sums, added in thread order
+  for (int64_t j = 0; j < cols; ++j) col_out[j] = 0.f;
+  for (int64_t t = 0; t < threads; ++t)
+    for (int64_t j = 0; j < cols; ++j) col_out[j] += partial[t * cols + j];
+  for (int j = 0; j < 3; ++j) {
+    double total = 0.0;
+    for (int64_t t = 0; t < threads; ++t) total += sums[t * 3 + j];
+    sums_out[j] = float(total);
+  }
+  if (gsq != nullptr) {
+    double total = 0.0;
+    for (int64_t i = 0; i < rows; ++i) total += row_out[i];
+    *gsq = float(total);
+  }
+}
+
+// Whether the statistics pass takes these tensors (g 2-D; with start >= 0 the sample's tensors; f_old fp32).
+static bool statistics_applies(const torch::Tensor& g, int64_t start, const c10::optional<torch::Tensor>& data,
+                               const c10::optional<torch::Tensor>& p0, const c10::optional<torch::Tensor>& s,
+                               const c10::optional<torch::Tensor>& compact,
+                               const c10::optional<torch::Tensor>& f_old) {
+  const auto dtype = g.scalar_type();
+  if (!((dtype == torch::kFloat || dtype == torch::kBFloat16) && g.dim() == 2 && cpu_dense(g, dtype)))
+    return false;
+  if (start >= 0 && !(data.has_value() && cpu_dense(*data, dtype) && p0.has_value() &&
+                      cpu_dense(*p0, torch::kBFloat16) && (!s.has_value() || cpu_dense(*s, torch::kBFloat16)) &&
+                      (!compact.has_value() || cpu_dense(*compact, dtype))))
+    return false;
+  return !f_old.has_value() || cpu_dense(*f_old, torch::kFloat);
+}
+
+// A tensor's Sample (start >= 0) after the checks of its sizes (an internal error where they do not fit); s_new: the
+// output of the new s (or undefined with SPEED).
+static Sample make_sample(const torch::Tensor& g, int64_t start, const c10::optional<torch::Tensor>& data,
+                          const c10::optional<torch::Tensor>& p0, const c10::optional<torch::Tensor>& s,
+                          double beta3, double delta, const c10::optional<torch::Tensor>& compact,
+                          torch::Tensor& s_new) {
+  const int64_t n_samples = sample_count(g.numel(), start);
+  TORCH_CHECK(data->sizes() == g.sizes(), "data: g's shape");
+  TORCH_CHECK(p0->numel() == n_samples && (!s.has_value() || s->numel() == n_samples) &&
+              (!compact.has_value() || compact->numel() == n_samples), "p0, s, compact: one value per sample");
+  return Sample{start, data->data_ptr(), compact.has_value() ? compact->data_ptr() : nullptr,
+                reinterpret_cast<const uint16_t*>(p0->data_ptr()),
+                s.has_value() ? reinterpret_cast<const uint16_t*>(s->data_ptr()) : nullptr,
+                s.has_value() ? reinterpret_cast<uint16_t*>(s_new.data_ptr()) : nullptr, float(beta3), float(delta)};
+}
+
+static void statistics_dispatch(const torch::Tensor& g, const Sample* sp, const Expansion* ep, float* row_out,
+                                float* col_out, float* sums_out, float* expand_out, float* gsq) {
+  const int64_t rows = g.size(0), cols = g.size(1);
+  if (g.scalar_type() == torch::kFloat)
+    statistics_into<float>(g.data_ptr<float>(), rows, cols, sp, ep, row_out, col_out, sums_out, expand_out, gsq);
+  else
+    statistics_into<uint16_t>(reinterpret_cast<const uint16_t*>(g.data_ptr()), rows, cols, sp, ep, row_out, col_out,
+                              sums_out, expand_out, gsq);
+}
+
 // Factored statistics of g (rows, cols: sums of g^2 along dim 1 and dim 0) and, with start >= 0, the Prodigy
 // statistics of its sampled elements: sums = [dot(g, p0 - x), sum |s_new| (or SPEED's sum |p0 - x|),
 // SPEED's sum (p0 - x)^2] and s_new. Returns nothing where the tensors' dtypes, devices or memory layouts are not the
@@ -504,72 +582,74 @@ std::vector<torch::Tensor> statistics(torch::Tensor g, int64_t start, c10::optio
                                       double beta3, double delta, c10::optional<torch::Tensor> compact,
                                       c10::optional<torch::Tensor> f_old, double beta2, double alpha,
                                       double inv_cols, double inv_d2) {
-  const auto dtype = g.scalar_type();
-  if (!((dtype == torch::kFloat || dtype == torch::kBFloat16) && g.dim() == 2 && cpu_dense(g, dtype)))
-    return {};
-  if (start >= 0 && !(data.has_value() && cpu_dense(*data, dtype) && p0.has_value() &&
-                      cpu_dense(*p0, torch::kBFloat16) && (!s.has_value() || cpu_dense(*s, torch::kBFloat16)) &&
-                      (!compact.has_value() || cpu_dense(*compact, dtype))))
-    return {};
-  if (f_old.has_value() && !cpu_dense(*f_old, torch::kFloat)) return {};
-  const int64_t rows = g.size(0), cols = g.size(1), threads = at::get_num_threads();
+  if (!statistics_applies(g, start, data, p0, s, compact, f_old)) return {};
+  const int64_t rows = g.size(0), cols = g.size(1);
   const auto f32 = g.options().dtype(torch::kFloat);
   auto row_out = torch::empty({rows, 1}, f32);  // (keepdim shapes: what the optimizer keeps them as)
   auto col_out = torch::empty({1, cols}, f32);
   auto sums_out = torch::empty({3}, f32);
-  std::vector<float> partial(threads * cols, 0.f);
-  std::vector<double> sums(threads * 3, 0.0);
-  const int64_t numel = rows * cols;
-  const int64_t n_samples = start < 0 ? 0 : sample_count(numel, start);
+  const int64_t n_samples = start < 0 ? 0 : sample_count(g.numel(), start);
   auto s_new = torch::empty({start >= 0 && s.has_value() ? n_samples : 0}, g.options().dtype(torch::kBFloat16));
   Sample S{};
-  if (start >= 0) {
-    TORCH_CHECK(data->sizes() == g.sizes(), "data: g's shape");
-    TORCH_CHECK(p0->numel() == n_samples && (!s.has_value() || s->numel() == n_samples) &&
-                (!compact.has_value() || compact->numel() == n_samples), "p0, s, compact: one value per sample");
-    S = Sample{start, data->data_ptr(), compact.has_value() ? compact->data_ptr() : nullptr,
-               reinterpret_cast<const uint16_t*>(p0->data_ptr()),
-               s.has_value() ? reinterpret_cast<const uint16_t*>(s->data_ptr()) : nullptr,
-               s.has_value() ? reinterpret_cast<uint16_t*>(s_new.data_ptr()) : nullptr, float(beta3), float(delta)};
-  }
-  const Sample* sp = start >= 0 ? &S : nullptr;
-  // (the expansion's accumulators: three rows of cols, then the least f in the first element of a fourth row)
+  if (start >= 0) S = make_sample(g, start, data, p0, s, beta3, delta, compact, s_new);
   Expansion E{};
-  std::vector<float> expand_partial, expand_min;
   torch::Tensor expand_out = torch::empty({f_old.has_value() ? 4 : 0, cols}, f32);
   if (f_old.has_value()) {
     TORCH_CHECK(f_old->numel() == rows, "f_old: one value per row");
     E = Expansion{f_old->data_ptr<float>(), float(beta2), float(alpha), float(inv_cols), float(inv_d2)};
-    expand_partial.assign(threads * 3 * cols, 0.f);
-    expand_min.assign(threads, std::numeric_limits<float>::infinity());
   }
-  const Expansion* ep = f_old.has_value() ? &E : nullptr;
-  if (dtype == torch::kFloat) {
-    row_col<float>(g.data_ptr<float>(), rows, cols, row_out.data_ptr<float>(), partial.data(), sp, sums.data(), ep,
-                   expand_partial.data(), expand_min.data());
-  } else {
-    row_col<uint16_t>(reinterpret_cast<const uint16_t*>(g.data_ptr()), rows, cols, row_out.data_ptr<float>(),
-                      partial.data(), sp, sums.data(), ep, expand_partial.data(), expand_min.data());
-  }
-  if (ep != nullptr) {  // the threads' accumulators, added in thread order
-    float* eo = expand_out.data_ptr<float>();
-    for (int64_t j = 0; j < 4 * cols; ++j) eo[j] = 0.f;
-    for (int64_t t = 0; t < threads; ++t)
-      for (int64_t j = 0; j < 3 * cols; ++j) eo[j] += expand_partial[t * 3 * cols + j];
-    eo[3 * cols] = *std::min_element(expand_min.begin(), expand_min.end());
-  }
-  // the threads' column sums and Prodigy sums, added in thread order
-  float* col = col_out.data_ptr<float>();
-  for (int64_t j = 0; j < cols; ++j) col[j] = 0.f;
-  for (int64_t t = 0; t < threads; ++t)
-    for (int64_t j = 0; j < cols; ++j) col[j] += partial[t * cols + j];
-  float* out = sums_out.data_ptr<float>();
-  for (int j = 0; j < 3; ++j) {
-    double total = 0.0;
-    for (int64_t t = 0; t < threads; ++t) total += sums[t * 3 + j];
-    out[j] = float(total);
-  }
+  statistics_dispatch(g, start >= 0 ? &S : nullptr, f_old.has_value() ? &E : nullptr, row_out.data_ptr<float>(),
+                      col_out.data_ptr<float>(), sums_out.data_ptr<float>(), expand_out.data_ptr<float>(), nullptr);
   return {row_out, col_out, sums_out, s_new, expand_out};
+}
+
+// statistics() for the 2-D tensors of a bucket in one call, tensor after tensor (each pass over all threads): the
+// Python-level work of a call per tensor costs more, from a cold cache, than the arithmetic of a small matrix. Per
+// tensor i: starts[i] (-1: no Prodigy statistics; else datas, p0s, ss (empty: SPEED) and compacts give its
+// sample), f_olds[i] (none: no expansion; else with inv_cols[i]). Returns [sums (n, 4): the Prodigy sums and the sum
+// of g^2 (row sums added in double), rows (n), cols (n), s_new (n), expansions (n)] (s_new, expansions: empty
+// tensors where there are none), or nothing unless the kernel takes every tensor.
+std::vector<torch::Tensor> statistics_many(std::vector<torch::Tensor> gs, std::vector<int64_t> starts,
+                                           std::vector<c10::optional<torch::Tensor>> datas,
+                                           std::vector<c10::optional<torch::Tensor>> p0s,
+                                           std::vector<c10::optional<torch::Tensor>> ss, double beta3, double delta,
+                                           std::vector<c10::optional<torch::Tensor>> compacts,
+                                           std::vector<c10::optional<torch::Tensor>> f_olds, double beta2,
+                                           double alpha, std::vector<double> inv_cols, double inv_d2) {
+  const size_t n = gs.size();
+  TORCH_CHECK(starts.size() == n && datas.size() == n && p0s.size() == n && ss.size() == n && compacts.size() == n &&
+              f_olds.size() == n && inv_cols.size() == n, "one entry per tensor");
+  for (size_t i = 0; i < n; ++i)
+    if (gs[i].scalar_type() != gs[0].scalar_type() ||
+        !statistics_applies(gs[i], starts[i], datas[i], p0s[i], ss[i], compacts[i], f_olds[i]))
+      return {};
+  const auto f32 = torch::TensorOptions().dtype(torch::kFloat);
+  auto sums = torch::zeros({int64_t(n), 4}, f32);
+  float* sums_p = sums.data_ptr<float>();
+  std::vector<torch::Tensor> rows(n), cols(n), s_new(n), expand(n);
+  for (size_t i = 0; i < n; ++i) {
+    const torch::Tensor& g = gs[i];
+    const int64_t r = g.size(0), c = g.size(1);
+    rows[i] = torch::empty({r, 1}, f32);
+    cols[i] = torch::empty({1, c}, f32);
+    const int64_t n_samples = starts[i] < 0 ? 0 : sample_count(g.numel(), starts[i]);
+    s_new[i] = torch::empty({starts[i] >= 0 && ss[i].has_value() ? n_samples : 0}, f32.dtype(torch::kBFloat16));
+    Sample S{};
+    if (starts[i] >= 0) S = make_sample(g, starts[i], datas[i], p0s[i], ss[i], beta3, delta, compacts[i], s_new[i]);
+    Expansion E{};
+    expand[i] = torch::empty({f_olds[i].has_value() ? 4 : 0, c}, f32);
+    if (f_olds[i].has_value()) {
+      TORCH_CHECK(f_olds[i]->numel() == r, "f_old: one value per row");
+      E = Expansion{f_olds[i]->data_ptr<float>(), float(beta2), float(alpha), float(inv_cols[i]), float(inv_d2)};
+    }
+    statistics_dispatch(g, starts[i] >= 0 ? &S : nullptr, f_olds[i].has_value() ? &E : nullptr,
+                        rows[i].data_ptr<float>(), cols[i].data_ptr<float>(), sums_p + 4 * i,
+                        expand[i].data_ptr<float>(), sums_p + 4 * i + 3);
+  }
+  std::vector<torch::Tensor> out{sums};
+  out.reserve(1 + 4 * n);
+  for (auto* list : {&rows, &cols, &s_new, &expand}) out.insert(out.end(), list->begin(), list->end());
+  return out;
 }
 
 // sum over the row of (d g_j / (a c_j + e))^2, with the operations of the compiled update (fp32).
@@ -828,7 +908,9 @@ static void update_rows(const T* g, T* y, T* z, T* v, const float* a, const floa
       update_row<T, STORE, STABLE, DECAY, ATAN2, FULL>(g + first, y + first, z + first, FULL ? v + first : nullptr,
                                                        c, cols, FULL ? 0.f : a[i], k, scale, ny, nz);
       if (zs == nullptr) continue;
-      for (int64_t q = first_sample(first, start); q < first + cols; q += 11) zs[(q - start) / 11] = z[q];  // in cache
+      const int64_t q0 = first_sample(first, start);  // (z's row is in cache)
+      T* __restrict out = zs + (q0 - start) / 11;
+      for (int64_t q = q0 - first; q < cols; q += 11) *out++ = z[first + q];
     }
   });
 }
@@ -1379,9 +1461,9 @@ def _load():
                 flags = _ISA_FLAGS.get(isa, [])
                 logger.info("loading the native CPU kernels (%s); the first use on a machine builds them, ~20 s",
                             isa)
-                _module = load_inline(name=f"prodigy_dist_native_v37_{isa.lower() if flags else 'base'}",
+                _module = load_inline(name=f"prodigy_dist_native_v38_{isa.lower() if flags else 'base'}",
                                       cpp_sources=[_SOURCE],
-                                      functions=["statistics", "rms_factored", "stochastic_round_",
+                                      functions=["statistics", "statistics_many", "rms_factored", "stochastic_round_",
                                                  "update_sf", "atan2_fast_", "factors_",
                                                  "rms_prodigy_factored", "rms_full_sf", "statistics_list",
                                                  "rms_full_sf_list", "update_sf_full_list",
@@ -1484,6 +1566,36 @@ def rms_full_sf(g: torch.Tensor, v: torch.Tensor, scalars: torch.Tensor, numel: 
     if module is None:
         return None
     return module.rms_full_sf(g, v, scalars, numel)
+
+
+def statistics_many(gs: list[torch.Tensor], sample: tuple | None = None, expansion: tuple | None = None
+                    ) -> tuple[torch.Tensor, list, list, list | None, list | None] | None:
+    """:func:`statistics` of several 2-D tensors in one call, tensor after tensor (all fp32 or all bf16). ``sample =
+    (starts, xs, p0s, ss, beta3, delta, compacts)``: per tensor what :func:`statistics`'s sample holds (``ss=None``:
+    SPEED; an entry of ``compacts`` may be None); ``expansion = (f_olds, beta2, alpha, inv_cols, inv_d2)``: per tensor
+    f_old and inv_cols. Returns (sums, rows, cols, s_new, accumulators): ``sums`` (n, 4) fp32, per tensor the three
+    Prodigy sums of :func:`statistics` (zeros without ``sample``) and its sum of g^2 (the row sums added in double);
+    ``rows``, ``cols`` as :func:`statistics` returns them; ``s_new`` (None without ``sample`` or with SPEED) and
+    ``accumulators`` (None without ``expansion``) one tensor each. None when the kernel does not take every tensor
+    (dtypes, devices, memory layouts) or could not be built."""
+    module = _load()
+    if module is None:
+        return None
+    n = len(gs)
+    if sample is None:
+        starts, xs, p0s, ss, beta3, delta, compacts = [-1] * n, [None] * n, [None] * n, None, 0.0, 0.0, [None] * n
+    else:
+        starts, xs, p0s, ss, beta3, delta, compacts = sample
+    f_olds, beta2, alpha, inv_cols, inv_d2 = expansion if expansion is not None else ([None] * n, 0.0, 0.0,
+                                                                                       [0.0] * n, 0.0)
+    out = module.statistics_many(gs, starts, xs, p0s, ss if ss is not None else [None] * n, beta3, delta, compacts,
+                                 f_olds, beta2, alpha, inv_cols, inv_d2)
+    if not out:
+        return None
+    sums = out[0]
+    rows, cols, s_new, accumulators = (out[1 + k * n:1 + (k + 1) * n] for k in range(4))
+    return (sums, rows, cols, s_new if sample is not None and ss is not None else None,
+            accumulators if expansion is not None else None)
 
 
 def statistics_list(gs: list[torch.Tensor], sample: tuple | None = None

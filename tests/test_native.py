@@ -149,9 +149,9 @@ def test_compiled_path_uses_it(monkeypatch):
     from prodigy_dist import ProdigyPlusScheduleFree
 
     calls, update_calls = [], []
-    original, original_update = native.statistics, native.update_sf_factored_many
-    monkeypatch.setattr(native, "statistics", lambda g, *a: calls.append((tuple(g.shape), a[0] is not None))
-                        or original(g, *a))
+    original, original_update = native.statistics_many, native.update_sf_factored_many
+    monkeypatch.setattr(native, "statistics_many", lambda gs, *a: calls.append(
+        ([tuple(g.shape) for g in gs], a[0] is not None, a[1] is not None)) or original(gs, *a))
     monkeypatch.setattr(native, "update_sf_factored_many", lambda gs, *a, **k: update_calls.append(
         ([tuple(g.shape) for g in gs], a[6] is not None)) or original_update(gs, *a, **k))
     torch.manual_seed(0)
@@ -159,8 +159,8 @@ def test_compiled_path_uses_it(monkeypatch):
     opt = ProdigyPlusScheduleFree(model.parameters(), fast_path="compiled")
     model(torch.randn(8, 300)).square().mean().backward()
     opt.step()
-    assert ((200, 300), True) in calls  # with the Prodigy statistics
-    assert update_calls == [([(200, 300)], True)]  # its RMS pass right before its update, in the same call
+    assert calls == [([(200, 300)], True, True)]  # with the Prodigy statistics and StableAdamW's accumulators
+    assert update_calls == [([(200, 300)], True)]  # the divisor given (or its RMS pass right before its update)
 
 
 def test_stochastic_rounding_has_the_bits_of_the_rounding_module():
@@ -408,6 +408,66 @@ def test_list_rms_and_update_match_the_single_tensor_kernels(dtype):
                     assert torch.equal(ys[i], ys_each[i]) and torch.equal(zs[i], zs_each[i]), (decay, atan2, i)
                     assert torch.equal(v_list[i], v_each[i])
 
+
+
+MANY_SHAPES = [(33, 70), (0, 40), (1, 7), (257, 300), (96, 2000)]
+
+
+@pytest.mark.parametrize("expansion", [False, True], ids=["plain", "expansion"])
+@pytest.mark.parametrize("sample", ["none", "s", "speed", "compact"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_statistics_many_equals_the_pass_tensor_by_tensor(dtype, sample, expansion):
+    """One call over several matrices: per matrix the same bits as statistics() (rows, columns, Prodigy sums, new
+    s, StableAdamW's accumulators), and its sum of g^2."""
+    gen = torch.Generator().manual_seed(5)
+    gs = [(torch.randn(sh, generator=gen) * 1e-2).to(dtype) for sh in MANY_SHAPES]
+    starts = [3, 0, 10, 7, 1]
+    xs = [torch.randn(sh, generator=gen).to(dtype) for sh in MANY_SHAPES]
+    counts = [(g.numel() - st + 10) // 11 if g.numel() > st else 0 for g, st in zip(gs, starts)]
+    p0s = [(x.reshape(-1)[st::11].float() + 1e-2).bfloat16() for x, st in zip(xs, starts)]
+    ss = [(torch.randn(c, generator=gen) * 1e-3).bfloat16() for c in counts]
+    compacts = [x.reshape(-1)[st::11].clone() if i % 2 == 0 else None for i, (x, st) in enumerate(zip(xs, starts))]
+    if sample == "compact":  # (a compact vector differs from x's samples: the pass must read it, not x)
+        compacts = [None if c is None else c + 1 for c in compacts]
+    f_olds = [torch.rand(sh[0], generator=gen) + 0.5 for sh in MANY_SHAPES]
+    inv_cols = [1.0 / sh[1] for sh in MANY_SHAPES]
+    speed = sample == "speed"
+    samples = None if sample == "none" else (starts, xs, p0s, None if speed else ss, 0.99, 3.7e-4,
+                                             compacts if sample == "compact" else [None] * len(gs))
+    expand = (f_olds, 0.99, 0.01, inv_cols, 4.0) if expansion else None
+    sums, rows, cols, s_new, accumulators = native.statistics_many(gs, samples, expand)
+    assert sums.shape == (len(gs), 4) and sums.dtype == torch.float32
+    assert (s_new is None) == (sample in ("none", "speed")) and (accumulators is None) == (not expansion)
+    for i, g in enumerate(gs):
+        one_sample = None if samples is None else (starts[i], xs[i], p0s[i], None if speed else ss[i], 0.99, 3.7e-4,
+                                                   samples[6][i])
+        one_expansion = None if not expansion else (f_olds[i], 0.99, 0.01, inv_cols[i], 4.0)
+        want = native.statistics(g, one_sample, one_expansion)
+        assert torch.equal(rows[i], want[0]) and torch.equal(cols[i], want[1])
+        if samples is None:
+            assert not sums[i, :3].any()
+        else:
+            assert torch.equal(sums[i, :3], want[2])
+        if s_new is not None:
+            assert torch.equal(s_new[i].view(torch.int16), want[3].view(torch.int16))
+        if expansion:
+            assert torch.equal(accumulators[i], want[4])
+        torch.testing.assert_close(sums[i, 3].double(), g.double().square().sum(), rtol=1e-6, atol=0)
+    assert samples is None or sums[:, 0].abs().sum() > 0  # (not all empty)
+
+
+def test_statistics_many_refuses_what_it_does_not_handle():
+    gs = [torch.randn(4, 6), torch.randn(5, 3)]
+    assert native.statistics_many([gs[0], gs[1].t()]) is None  # not contiguous
+    assert native.statistics_many([gs[0], gs[1].bfloat16()]) is None  # two dtypes
+    assert native.statistics_many([gs[0], torch.randn(2, 3, 4)]) is None  # not 2-D
+    assert native.statistics_many(gs, None, ([torch.ones(4), torch.ones(5).double()], 0.9, 0.1, [1.0, 1.0],
+                                             1.0)) is None  # f_old not fp32
+    p0s = [torch.zeros(3, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.bfloat16)]
+    with pytest.raises(RuntimeError, match="one value per sample"):
+        native.statistics_many(gs, ([0, 0], gs, p0s, None, 0.9, 0.1, [None, None]))
+    with pytest.raises(RuntimeError, match="one value per row"):
+        native.statistics_many(gs, None, ([torch.ones(4), torch.ones(4)], 0.9, 0.1, [1.0, 1.0], 1.0))
 
 def test_list_kernels_refuse_mismatched_lists():
     gs = [torch.randn(5), torch.randn(7)]
