@@ -42,7 +42,8 @@ from bench_step import TENSOR_SETS, make_base_tensors, make_params  # noqa: E402
 
 from prodigy_dist import ProdigyPlusScheduleFree, native  # noqa: E402
 
-STEP_KERNELS = {"statistics": ("statistics",), "factors": ("factors",), "update": ("update_sf_factored_many",),
+STEP_KERNELS = {"statistics": ("statistics", "statistics_many"), "factors": ("factors",),
+                "update": ("update_sf_factored_many",),
                 "other native": ("statistics_list", "rms_full_sf_list", "update_sf_full_list")}
 
 

@@ -1691,9 +1691,9 @@ def update_sf_factored_many(gs: list[torch.Tensor], ys: list[torch.Tensor], zs: 
     """:func:`update_sf_factored` for several factored tensors in one call, tensor after tensor (each pass over all
     threads). StableAdamW: ``scales`` (one divisor per tensor), or ``rms = (d, d * eps, global element counts)``:
     each tensor's divisor from its :func:`rms_factored` pass right before its update (which then reads g from
-    cache), except where ``scales`` (given too) holds a finite divisor; neither: none. ``samples``: per tensor (start, out), start -1 for none; ``noise``: (table, starts of
-    the y stream, starts of the z stream) per tensor. False (nothing written) unless the kernel takes every tensor
-    or when the kernels could not be built."""
+    cache), except where ``scales`` (given too) holds a finite divisor; neither: none. ``samples``: per tensor
+    (start, out), start -1 for none; ``noise``: (table, starts of the y stream, starts of the z stream) per tensor.
+    False (nothing written) unless the kernel takes every tensor or when the kernels could not be built."""
     if decay not in _DECAYS:
         raise ValueError(f"decay must be one of {sorted(_DECAYS)}, got {decay!r}")
     module = _load()
