@@ -928,6 +928,12 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
             many_scales = b.divisors  # (a factored bucket: rest is every piece)
         if _native_update_many(b, list(rest), factors, s, V, stochastic, many_scales, rms_each):
             return
+    if not V.schedulefree and not V.full and rest and native.available() and (
+            rms_each or not V.stable or all_scales is not None):
+        # Prodigy mode: likewise in one native call (the RMS pass, which writes m, right before each update)
+        many_scales = all_scales[list(rest)] if V.stable and not rms_each else None
+        if _native_prodigy_many(b, list(rest), factors, s, V, stochastic, many_scales, rms_each):
+            return
     upd = _kernel("prodigy_update", _update_pass, tuple(V) + (V.stable,))
     for i in rest:
         a, c = factors[i]
@@ -1073,6 +1079,23 @@ def _native_update_many(b: Bucket, idx: list[int], factors, s, V: Variant, stoch
         if out is not None:
             _remember_samples(states[i]["z"], start, out)
     return True
+
+
+def _native_prodigy_many(b: Bucket, idx: list[int], factors, s, V: Variant, stochastic: bool,
+                         scales: torch.Tensor | None, rms_each: bool) -> bool:
+    """Prodigy mode's update of the factored pieces ``idx`` in one native call (CPU; native.update_prodigy_factored_many):
+    their StableAdamW divisors from ``scales`` (in ``idx`` order) or with ``rms_each`` from each piece's RMS pass
+    right before its update. False (nothing written) where the native kernels do not take every piece."""
+    noise = None
+    if stochastic:
+        starts_y, _ = native.table_starts_many(b.sc["k"], [b.layouts[i].flat_offset for i in idx],
+                                               [b.positions[i] for i in idx])
+        noise = (doubled_table(b.params[0].device, b.sr_seed), starts_y)
+    rms = [b.layouts[i].global_numel for i in idx] if rms_each else None
+    return native.update_prodigy_factored_many(
+        [b.grads[i] for i in idx], [b.params[i].detach() for i in idx], [b.states[i]["exp_avg"] for i in idx],
+        [factors[i][0] for i in idx], [factors[i][1] for i in idx], s, scales, rms, V.decay, atan2=V.atan2,
+        noise=noise)
 
 
 class _Samples(NamedTuple):

@@ -1099,6 +1099,122 @@ bool update_sf_factored_many(std::vector<torch::Tensor> gs, std::vector<torch::T
   return true;
 }
 
+// Prodigy mode (no Schedule-Free): the update of one row of a factored tensor, with the operations of the compiled
+// update (prodigy_dist.compiled._update_pass with _moments and _direction), in fp32: the first moment m from the RMS
+// pass (MOMENTS_DONE: with StableAdamW), else m <- beta1 m + (1 - beta1) d g here, rounded like its storage at each
+// operation and stored; u = m / (a c_j + d eps) [/ scale], or with ATAN2 4/pi atan2(m, a c_j);
+// y <- y [* (1 - decay)] - dlr u (SCALE: the weight decay of Prodigy mode). STORE as in update_row (y only).
+template <typename T, int STORE, bool STABLE, bool SCALE, bool ATAN2>
+static inline void update_prodigy_row(const T* __restrict g, T* __restrict y, T* __restrict m,
+                                      const float* __restrict c, int64_t cols, float a, const float* __restrict k,
+                                      float scale, const int32_t* __restrict ny) {
+  constexpr bool low = sizeof(T) == 2;
+  constexpr bool MOMENTS_DONE = STABLE;
+  const float eps = k[1], beta1 = k[2], m_alpha = k[3], ndlr = k[7], keep = k[12];
+  #pragma omp simd
+  for (int64_t j = 0; j < cols; ++j) {
+    float mv;
+    if (MOMENTS_DONE) {
+      mv = as_float(m[j]);
+    } else {
+      mv = ema<low>(as_float(m[j]), beta1, as_float(g[j]) * m_alpha);
+      put(m + j, mv);
+    }
+    float u;
+    if (ATAN2) {
+      u = atan2_fast(mv, a * c[j]) * 1.2732395f;
+    } else {
+      u = mv / (a * c[j] + eps);
+    }
+    if (STABLE) u = u / scale;
+    float yn = as_float(y[j]);
+    if (SCALE) yn = yn * keep;
+    yn = yn + u * ndlr;
+    store<STORE>(y + j, yn, STORE == 2 ? ny[j] : 0);
+  }
+}
+
+// The Prodigy-mode update of the factored tensors of a bucket in one call, tensor after tensor (each pass over all
+// threads), as update_sf_factored_many does for Schedule-Free: with rms_each (one process, StableAdamW) each tensor's
+// RMS pass (which writes the new first moment, rms_prodigy_factored) right before its update, so that the update
+// reads m from cache; else with scales (the moments written by the RMS passes before), or neither (no StableAdamW:
+// the moments computed here). decay: 0 none, 1 the weight decay of Prodigy mode (y * k[12]). bf16 with a table:
+// stochastic rounding of y from start_y[i] (as update_sf_factored_many's y stream). Returns false (nothing written)
+// unless every tensor is the kernel's.
+bool update_prodigy_factored_many(std::vector<torch::Tensor> gs, std::vector<torch::Tensor> ys,
+                                  std::vector<torch::Tensor> ms, std::vector<torch::Tensor> as,
+                                  std::vector<torch::Tensor> cs, torch::Tensor k, c10::optional<torch::Tensor> scales,
+                                  bool rms_each, std::vector<int64_t> numels, int64_t decay, bool atan2,
+                                  c10::optional<torch::Tensor> table, std::vector<int64_t> start_y) {
+  const size_t n = gs.size();
+  TORCH_CHECK(ys.size() == n && ms.size() == n && as.size() == n && cs.size() == n && numels.size() == n &&
+              (!table.has_value() || start_y.size() == n), "one entry per tensor");
+  const c10::optional<torch::Tensor> none;
+  for (size_t i = 0; i < n; ++i)
+    if (gs[i].scalar_type() != gs[0].scalar_type() || !cpu_dense(ms[i], gs[i].scalar_type()) ||
+        !update_applies(gs[i], ys[i], ms[i], as[i], cs[i], none, k, table, -1, none))
+      return false;
+  if (scales.has_value() && !cpu_dense(*scales, torch::kFloat)) return false;
+  const bool stable = rms_each || scales.has_value();
+  TORCH_CHECK(!(atan2 && stable), "rms_each or scales, never with atan2");
+  TORCH_CHECK(!scales.has_value() || scales->numel() == int64_t(n), "scales: one per tensor");
+  TORCH_CHECK(k.numel() >= 13 && (decay == 0 || decay == 1), "k: the step's scalars; decay: 0 or 1");
+  const auto dtype = gs.empty() ? torch::kFloat : gs[0].scalar_type();
+  const int32_t* table_ptr = table.has_value() ? table->data_ptr<int32_t>() : nullptr;
+  const int64_t table_size = table.has_value() ? table->numel() / 2 : 0;
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK(ys[i].sizes() == gs[i].sizes() && ms[i].sizes() == gs[i].sizes() && as[i].numel() == gs[i].size(0) &&
+                cs[i].numel() == gs[i].size(1), "g, y, m: one shape; a, c: the factors of its rows and columns");
+    if (table_ptr != nullptr)
+      TORCH_CHECK(start_y[i] >= 0 && start_y[i] < table_size, "table starts: in the table");
+  }
+  const float* kp = k.data_ptr<float>();
+  for (size_t i = 0; i < n; ++i) {
+    const torch::Tensor& g = gs[i];
+    const int64_t rows = g.size(0), cols = g.size(1);
+    const float* ap = as[i].data_ptr<float>();
+    const float* cp = cs[i].data_ptr<float>();
+    float scale = scales.has_value() ? scales->data_ptr<float>()[i] : 1.f;
+    if (rms_each) {
+      const double total = dtype == torch::kFloat ?
+          rms_moment_rows<float>(g.data_ptr<float>(), ms[i].data_ptr<float>(), ap, cp, rows, cols, kp[2], kp[3],
+                                 kp[1]) :
+          rms_moment_rows<uint16_t>(reinterpret_cast<const uint16_t*>(g.data_ptr()),
+                                    reinterpret_cast<uint16_t*>(ms[i].data_ptr()), ap, cp, rows, cols, kp[2], kp[3],
+                                    kp[1]);
+      scale = sum_or_divisor(total, numels[i], g.options().dtype(torch::kFloat)).data_ptr<float>()[0];
+    }
+    const int64_t sy = table_ptr != nullptr ? start_y[i] : 0;
+    auto run = [&](auto element, auto store_mode, auto stable_c, auto scale_c, auto atan2_c) {
+      using T = std::decay_t<decltype(element)>;
+      constexpr int STORE = std::decay_t<decltype(store_mode)>::value;
+      constexpr bool S = decltype(stable_c)::value, SC = decltype(scale_c)::value, A = decltype(atan2_c)::value;
+      if constexpr (!(S && A)) {
+        const T* gp = static_cast<const T*>(g.data_ptr());
+        T* yp = static_cast<T*>(ys[i].data_ptr());
+        T* mp = static_cast<T*>(ms[i].data_ptr());
+        at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, cols)), [=](int64_t b, int64_t e) {
+          for (int64_t r = b; r < e; ++r) {
+            const int64_t first = r * cols;
+            const int32_t* ny = STORE == 2 ? table_ptr + (sy + first) % table_size : nullptr;
+            update_prodigy_row<T, STORE, S, SC, A>(gp + first, yp + first, mp + first, cp, cols, ap[r], kp, scale,
+                                                   ny);
+          }
+        });
+      }
+    };
+    auto with_flags = [&](auto element, auto store_mode) {
+      with_bool(stable, [&](auto s) {
+        with_bool(decay == 1, [&](auto sc) { with_bool(atan2, [&](auto a) { run(element, store_mode, s, sc, a); }); });
+      });
+    };
+    if (dtype == torch::kFloat) with_flags(float{}, std::integral_constant<int, 0>{});
+    else if (table_ptr != nullptr) with_flags(uint16_t{}, std::integral_constant<int, 2>{});
+    else with_flags(uint16_t{}, std::integral_constant<int, 1>{});
+  }
+  return true;
+}
+
 // StableAdamW's divisor of a factored tensor from the accumulators of its statistics pass (rows_expand): with the
 // final moment G of the factor indexed by the columns and P_j = G_j / mean r, the update is u_ij = g_ij / (x_ij +
 // eps) with x_ij = sqrt(f_i P_j), t = eps / x <= t_max = eps / sqrt(min f min P), and sum u^2 = S0 - 2 eps S1 +
@@ -1461,13 +1577,14 @@ def _load():
                 flags = _ISA_FLAGS.get(isa, [])
                 logger.info("loading the native CPU kernels (%s); the first use on a machine builds them, ~20 s",
                             isa)
-                _module = load_inline(name=f"prodigy_dist_native_v38_{isa.lower() if flags else 'base'}",
+                _module = load_inline(name=f"prodigy_dist_native_v39_{isa.lower() if flags else 'base'}",
                                       cpp_sources=[_SOURCE],
                                       functions=["statistics", "statistics_many", "rms_factored", "stochastic_round_",
                                                  "update_sf", "atan2_fast_", "factors_",
                                                  "rms_prodigy_factored", "rms_full_sf", "statistics_list",
                                                  "rms_full_sf_list", "update_sf_full_list",
-                                                 "update_sf_factored_many", "table_starts_many"],
+                                                 "update_sf_factored_many", "update_prodigy_factored_many",
+                                                 "table_starts_many"],
                                       extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"] + flags,
                                       extra_ldflags=["-fopenmp"],
                                       verbose=False)
@@ -1704,6 +1821,28 @@ def update_sf_factored_many(gs: list[torch.Tensor], ys: list[torch.Tensor], zs: 
     return module.update_sf_factored_many(gs, ys, zs, as_, cs, scalars, scales, rms is not None, d, eps_term, numels,
                                           _DECAYS[decay], atan2, [st for st, _ in samples],
                                           [out for _, out in samples], table, starts_y, starts_z)
+
+
+def update_prodigy_factored_many(gs: list[torch.Tensor], ys: list[torch.Tensor], ms: list[torch.Tensor],
+                                 as_: list[torch.Tensor], cs: list[torch.Tensor], scalars: torch.Tensor,
+                                 scales: torch.Tensor | None, rms_each: list[int] | None, decay: str,
+                                 atan2: bool = False, noise: tuple[torch.Tensor, list[int]] | None = None) -> bool:
+    """Prodigy mode's update (no Schedule-Free) of several factored 2-D tensors in one call, tensor after tensor (the
+    operations of prodigy_dist.compiled._update_pass, in place on y and the first moment m): with StableAdamW, the
+    divisors ``scales`` (one per tensor: the RMS passes wrote m before), or ``rms_each`` (the global element counts)
+    each tensor's :func:`rms_prodigy_factored` pass right before its update (so m is read from cache); without
+    StableAdamW (neither) m is updated here. ``decay``: "none" or "scale" (y * scalars[12]); ``noise``: (table, the
+    y stream's start per tensor) for stochastic rounding of bf16. False (nothing written) unless the kernel takes
+    every tensor, or when the kernels could not be built."""
+    if decay not in ("none", "scale"):
+        raise ValueError(f"decay must be 'none' or 'scale' in Prodigy mode, got {decay!r}")
+    module = _load()
+    if module is None:
+        return False
+    table, starts_y = noise if noise is not None else (None, [])
+    return module.update_prodigy_factored_many(gs, ys, ms, as_, cs, scalars, scales, rms_each is not None,
+                                               rms_each if rms_each is not None else [0] * len(gs),
+                                               int(decay == "scale"), atan2, table, starts_y)
 
 
 def _update_sf(g, y, z, a, c, v, scalars, scale, decay, samples, atan2, noise) -> bool:

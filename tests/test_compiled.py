@@ -174,6 +174,41 @@ def test_native_update_equals_the_compiled_update(monkeypatch, dtype, options):
     assert oa.param_groups[0]["d"] == pytest.approx(ob.param_groups[0]["d"], rel=1e-6)
 
 
+@pytest.mark.parametrize("options", [{}, dict(weight_decay=0.1), dict(eps=None), dict(use_stableadamw=False),
+                                     dict(stochastic_rounding=False)],
+                         ids=["default", "weight_decay", "eps=None", "no_stableadamw", "round_to_nearest"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_native_prodigy_mode_update_equals_the_compiled_update(monkeypatch, dtype, options):
+    """Prodigy mode (no Schedule-Free) on a CPU: the matrices' update in one native call (with StableAdamW, each
+    one's RMS pass, which writes the first moment, right before its update) against the compiled update pass: fp32 to
+    a few ulps, bf16 with the same rounding bits but where a one-ulp fp32 difference flips one (rarely)."""
+    from prodigy_dist import native
+    if not native.available():
+        pytest.skip("the native CPU kernels could not be built here")
+    options = dict(options, use_schedulefree=False)
+    calls = []
+    update = native.update_prodigy_factored_many
+    monkeypatch.setattr(native, "update_prodigy_factored_many", lambda gs, *a, **k: calls.append(
+        (len(gs), a[6] is not None)) or update(gs, *a, **k))
+    pa, oa = run("compiled", options, dtype, steps=6)
+    stable = options.get("eps", 1e-8) is not None and options.get("use_stableadamw", True)
+    assert calls == [(3, stable)] * 6  # every step: the 3 matrices in one call (their RMS passes in it)
+    monkeypatch.setattr(native, "update_prodigy_factored_many", lambda *a, **k: False)
+    pb, ob = run("compiled", options, dtype, steps=6)
+    for a, b in zip(pa, pb):
+        for x, y in ((a, b), (oa.state[a]["exp_avg"], ob.state[b]["exp_avg"])):
+            assert x.dtype == dtype
+            if dtype == torch.bfloat16:
+                assert (x != y).float().mean().item() < 1e-3
+                assert ((x.float() - y.float()).abs() <= y.float().abs() * 2 ** -7).all()
+            else:
+                assert ((x - y).abs().max() / y.abs().max()).item() < 1e-6
+    assert oa.param_groups[0]["d"] == pytest.approx(ob.param_groups[0]["d"], rel=1e-6)
+    assert oa.param_groups[0]["d"] > 1e-3  # (d moved)
+    pe, oe = run("eager", options, dtype, steps=6)
+    assert_close(pa, oa, pe, oe, dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_stableadamw_divisors_come_from_the_statistics_pass_unless_eps_matters(monkeypatch, dtype):
     """On one process on a CPU, the matrices' StableAdamW divisors come from the accumulators of their statistics pass
