@@ -1083,9 +1083,10 @@ def _native_update_many(b: Bucket, idx: list[int], factors, s, V: Variant, stoch
 
 def _native_prodigy_many(b: Bucket, idx: list[int], factors, s, V: Variant, stochastic: bool,
                          scales: torch.Tensor | None, rms_each: bool) -> bool:
-    """Prodigy mode's update of the factored pieces ``idx`` in one native call (CPU; native.update_prodigy_factored_many):
-    their StableAdamW divisors from ``scales`` (in ``idx`` order) or with ``rms_each`` from each piece's RMS pass
-    right before its update. False (nothing written) where the native kernels do not take every piece."""
+    """Prodigy mode's update of the factored pieces ``idx`` in one native call (CPU:
+    native.update_prodigy_factored_many): their StableAdamW divisors from ``scales`` (in ``idx`` order) or with
+    ``rms_each`` from each piece's RMS pass right before its update. False (nothing written) where the native kernels
+    do not take every piece."""
     noise = None
     if stochastic:
         starts_y, _ = native.table_starts_many(b.sc["k"], [b.layouts[i].flat_offset for i in idx],
