@@ -11,7 +11,8 @@ Passes over memory per parameter of a 2-D tensor (fp32; bf16 halves every figure
   (every 11th) with g still in cache: 4 B/param for g plus 4 B/param for z (or y), whose sampled walk at a stride
   of 44 bytes touches every cache line -- except where the previous step's native update left z's new sampled
   values in a compact vector (see phase B): then 4/11 B/param. Unfactored 2-D tensors use the same pass for their
-  sum of g^2. Elsewhere (or if the native build failed) inductor does it in three reads:
+  sum of g^2. A bucket's matrices take one native call (:func:`native.statistics_many`; one process for the
+  factored ones). Elsewhere (or if the native build failed) inductor does it in three reads:
   the row sums and the column sums accumulated per block of ROW_BLOCK rows (inductor emits these as two loops: no
   formulation tried -- blocked rows, square tiles, permuted tiles, artificial dependencies for its outer-loop
   fusion -- got it to share one loop between a reduction over rows and one over columns), then one kernel over
@@ -28,8 +29,10 @@ Passes over memory per parameter of a 2-D tensor (fp32; bf16 halves every figure
   state, remembered with z's version counter, so that any other write to z (a loaded checkpoint) makes the next
   step walk z again. It costs 4/11 B/param of memory (2/11 in bf16) and saves the walk over z.
   Prodigy mode writes the first moment in the RMS pass and reads it in the update pass; ``factored=False`` does
-  the same with the full second moment; ``eps=None`` (Adam-atan2) has no RMS pass.
-  Other bf16 storage with stochastic rounding on a CPU (Prodigy mode): the update pass writes each
+  the same with the full second moment; ``eps=None`` (Adam-atan2) has no RMS pass. On a CPU a bucket's matrices
+  with the full second moment take one native call (:func:`native.update_sf_full_many`), and so do Prodigy mode's
+  factored ones (:func:`native.update_prodigy_factored_many`; fp32 and bf16 with either rounding).
+  Other bf16 storage with stochastic rounding on a CPU (Prodigy mode's other tensors): the update pass writes each
   chunk's fp32 results (at most TABLE_SIZE elements of y and z: 8 MB, reused) into a buffer that stays in cache,
   and a native kernel rounds them into the bf16 storage with the noise table (inductor's CPU code turns the bit
   casts of the rounding into scalar loops, which made that pass five times slower than rounding to nearest).
@@ -561,19 +564,10 @@ def _row_col_all(b: Bucket) -> tuple[list[torch.Tensor], list[torch.Tensor], tor
     if not (b.alone and native.available()) or _on_gpu(b) or any(lay.fragment for lay in b.layouts):
         return None
     sample = None
-    sc, states, n = b.sc, b.states, len(b.grads)
-    if sc["prodigy_active"] and not sc["adopt_first"]:
-        if not all("p0" in st for st in states):
+    if b.sc["prodigy_active"] and not b.sc["adopt_first"]:
+        sample = _many_sample(b, range(len(b.grads)))
+        if sample is None:
             return None
-        data = [kernels.prodigy_data(b, i) for i in range(n)]
-        starts = [lay.slice_start for lay in b.layouts]
-        p0s = [st["p0"] for st in states]
-        compacts = None
-        if b.group["use_schedulefree"]:
-            compacts = [_recalled_samples(x, start) for x, start in zip(data, starts)]
-            compacts = [c if c is None or c.numel() == p0.numel() else None for c, p0 in zip(compacts, p0s)]
-        sample = (starts, data, p0s, None if b.group["use_speed"] else [st["s"] for st in states], sc["beta3"],
-                  sc["delta"], compacts if compacts is not None else [None] * n)
     expansion = _expansion_all(b)
     out = native.statistics_many(b.grads, sample, expansion)
     if out is None:
@@ -587,6 +581,23 @@ def _row_col_all(b: Bucket) -> tuple[list[torch.Tensor], list[torch.Tensor], tor
     return [p[0] for p in parts], [p[1] for p in parts], sums[:, 3]
 
 
+def _many_sample(b: Bucket, idx) -> tuple | None:
+    """What native.statistics_many needs for the Prodigy statistics of the pieces ``idx`` (z's samples where the
+    last native update left them), or None where a piece has no ``p0``."""
+    states = [b.states[i] for i in idx]
+    if not all("p0" in st for st in states):
+        return None
+    data = [kernels.prodigy_data(b, i) for i in idx]
+    starts = [b.layouts[i].slice_start for i in idx]
+    p0s = [st["p0"] for st in states]
+    compacts = [None] * len(p0s)
+    if b.group["use_schedulefree"]:
+        compacts = [_recalled_samples(x, start) for x, start in zip(data, starts)]
+        compacts = [c if c is None or c.numel() == p0.numel() else None for c, p0 in zip(compacts, p0s)]
+    return (starts, data, p0s, None if b.group["use_speed"] else [st["s"] for st in states], b.sc["beta3"],
+            b.sc["delta"], compacts)
+
+
 def _oriented(rows: torch.Tensor, cols: torch.Tensor, dr: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A 2-D piece's sums of g^2 along dim 1 (``rows``) and dim 0 (``cols``) as row_col returns them: (sum over
     dr, sum over dc), keepdim."""
@@ -597,8 +608,8 @@ def _oriented(rows: torch.Tensor, cols: torch.Tensor, dr: int) -> tuple[torch.Te
 
 def _sq_norms(b: Bucket) -> list[torch.Tensor] | torch.Tensor:
     """Sums of g^2 of an unfactored bucket: for its small tensors on a CPU from one native call over the list
-    (:func:`_listed`), for 2-D pieces on a CPU from the native pass; both compute the Prodigy statistics in the same
-    read of g (the column sums the native pass also returns are not needed here)."""
+    (:func:`_listed`), for 2-D pieces on a CPU from the native pass (one call for all of them); both compute the
+    Prodigy statistics in the same read of g (the column sums the native pass also returns are not needed here)."""
     listed = _listed(b)
     if len(listed) == len(b.grads):
         return _list_statistics(b, listed, every=True)
@@ -606,6 +617,19 @@ def _sq_norms(b: Bucket) -> list[torch.Tensor] | torch.Tensor:
     if listed:
         for i, t in zip(listed, _list_statistics(b, listed, every=False).unbind(0)):
             out[i] = t
+    many = [i for i, g in enumerate(b.grads) if out[i] is None and g.dim() == 2]
+    if many and native.available():
+        sample = None
+        if b.sc["prodigy_active"] and not b.sc["adopt_first"]:
+            sample = _many_sample(b, many)
+        if sample is not None or not (b.sc["prodigy_active"] and not b.sc["adopt_first"]):
+            result = native.statistics_many([b.grads[i] for i in many], sample)
+            if result is not None:
+                sums, _, _, s_new, _ = result
+                for j, i in enumerate(many):
+                    out[i] = sums[j, 3]
+                    if sample is not None:
+                        b.prodigy_parts[i] = (sums[j, :3], s_new[j] if s_new is not None else None)
     for i, g in enumerate(b.grads):
         if out[i] is not None:
             continue
@@ -921,8 +945,8 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
     native_sr = stochastic and native.available()
     if native_sr:  # the kernel writes fp32 results into a buffer in cache, native.stochastic_round_ stores them
         V = V._replace(storage="sr_out")
-    if native_update and not V.full and rest and (rms_each or not V.stable or all_scales is not None):
-        # the factored pieces in one native call (each piece's RMS pass right before its update on one process)
+    if native_update and rest and (rms_each or not V.stable or all_scales is not None):
+        # the pieces in one native call (each piece's RMS pass right before its update on one process)
         many_scales = all_scales[list(rest)] if V.stable and not rms_each else None
         if rms_each and b.divisors is not None:  # (from the statistics pass; NaN: that piece's RMS pass)
             many_scales = b.divisors  # (a factored bucket: rest is every piece)
@@ -1056,9 +1080,10 @@ def _samples_buffer(st: dict) -> torch.Tensor | None:
 
 def _native_update_many(b: Bucket, idx: list[int], factors, s, V: Variant, stochastic: bool,
                         scales: torch.Tensor | None, rms_each: bool) -> bool:
-    """:func:`_native_update` of the factored pieces ``idx`` in one native call (CPU): their StableAdamW divisors
-    from ``scales`` (one per piece, in ``idx`` order), or with ``rms_each`` from each piece's RMS pass right before
-    its update (one process). False (nothing written) where the native kernels do not take every piece."""
+    """:func:`_native_update` of the pieces ``idx`` (factored, or with the full second moment) in one native call
+    (CPU): their StableAdamW divisors from ``scales`` (one per piece, in ``idx`` order), or with ``rms_each`` from
+    each piece's RMS pass right before its update (one process). False (nothing written) where the native kernels
+    do not take every piece."""
     states, layouts = b.states, b.layouts
     outs = [_samples_buffer(states[i]) for i in idx]
     starts = [layouts[i].slice_start if out is not None else -1 for i, out in zip(idx, outs)]
@@ -1067,13 +1092,20 @@ def _native_update_many(b: Bucket, idx: list[int], factors, s, V: Variant, stoch
         noise = (doubled_table(b.params[0].device, b.sr_seed),
                  *native.table_starts_many(b.sc["k"], [layouts[i].flat_offset for i in idx],
                                            [b.positions[i] for i in idx]))
-    rms = None
-    if rms_each:
-        rms = (b.sc["d"], b.sc["d"] * b.group["eps"], [layouts[i].global_numel for i in idx])
-    if not native.update_sf_factored_many(
-            [b.grads[i] for i in idx], [b.params[i].detach() for i in idx], [states[i]["z"] for i in idx],
-            [factors[i][0] for i in idx], [factors[i][1] for i in idx], s, scales, rms, V.decay,
-            list(zip(starts, outs)), atan2=V.atan2, noise=noise):
+    gs, ys, zs = [b.grads[i] for i in idx], [b.params[i].detach() for i in idx], [states[i]["z"] for i in idx]
+    if V.full:  # (2-D views: rows of the last dim; the sample positions are flat indices)
+        shapes = [(-1, g.shape[-1]) if g.dim() >= 2 else (1, -1) for g in gs]
+        gs, ys, zs = ([t.reshape(shape) for t, shape in zip(ts, shapes)] for ts in (gs, ys, zs))
+        vs = [states[i]["exp_avg_sq"].reshape(g.shape) for i, g in zip(idx, gs)]
+        done = native.update_sf_full_many(gs, ys, zs, vs, s, scales,
+                                          [layouts[i].global_numel for i in idx] if rms_each else None, V.decay,
+                                          list(zip(starts, outs)), atan2=V.atan2, noise=noise)
+    else:
+        rms = (b.sc["d"], b.sc["d"] * b.group["eps"], [layouts[i].global_numel for i in idx]) if rms_each else None
+        done = native.update_sf_factored_many(gs, ys, zs, [factors[i][0] for i in idx],
+                                              [factors[i][1] for i in idx], s, scales, rms, V.decay,
+                                              list(zip(starts, outs)), atan2=V.atan2, noise=noise)
+    if not done:
         return False
     for i, start, out in zip(idx, starts, outs):
         if out is not None:

@@ -209,6 +209,52 @@ def test_native_prodigy_mode_update_equals_the_compiled_update(monkeypatch, dtyp
     assert_close(pa, oa, pe, oe, dtype)
 
 
+@pytest.mark.parametrize("options", [{}, dict(eps=None), dict(weight_decay=0.1)], ids=["default", "eps=None",
+                                                                                     "weight_decay"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_unfactored_matrices_take_one_native_call_per_pass(monkeypatch, dtype, options):
+    """factored=False on a CPU: the tensors too large for the list kernels take one native statistics call and one
+    native update call per step (each one's RMS pass, which writes v, right before its update): bitwise the steps of
+    the native calls per tensor, and (fp32) the eager path's. (In bf16 a 1-D tensor of 70000 differs from eager in 2
+    elements by a little more than assert_close allows, with or without these calls: an fp32 ulp flips a rounding
+    where an update cancels to nearly zero.)"""
+    from prodigy_dist import native
+    if not native.available():
+        pytest.skip("the native CPU kernels could not be built here")
+    options = dict(options, factored=False)
+    calls = []
+    for name in ("statistics_many", "update_sf_full_many"):
+        monkeypatch.setattr(native, name, lambda gs, *a, _f=getattr(native, name), _n=name, **k: calls.append(
+            (_n, [tuple(g.shape) for g in gs])) or _f(gs, *a, **k))
+
+    def run_big(fast_path):
+        gen = torch.Generator().manual_seed(2)
+        params = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.1).to(dtype))
+                  for s in [(300, 250), (4, 60, 300), (70_000,), (16,)]]
+        opt = ProdigyPlusScheduleFree(params, fast_path=fast_path, d0=1e-3, **options)
+        for step in range(4):
+            set_grads(params, step)
+            opt.step()
+        return params, opt
+
+    pc, oc = run_big("compiled")
+    big = [(300, 250), (240, 300), (1, 70_000)]  # (2-D views: rows of the last dim)
+    assert calls == [("statistics_many", [(300, 250)]), ("update_sf_full_many", big)] * 4
+    assert oc.param_groups[0]["d"] > 1e-3  # (d moved)
+    monkeypatch.setattr(native, "statistics_many", lambda *a, **k: None)
+    monkeypatch.setattr(native, "update_sf_full_many", lambda *a, **k: False)
+    pd, od = run_big("compiled")  # (the native passes tensor by tensor)
+    assert oc.param_groups[0]["d"] == od.param_groups[0]["d"]
+    for a, b in zip(pc, pd):
+        assert torch.equal(a, b)
+        for key, value in oc.state[a].items():
+            if torch.is_tensor(value):
+                assert torch.equal(value, od.state[b][key]), key
+    if dtype == torch.float32:
+        pe, oe = run_big("eager")
+        assert_close(pc, oc, pe, oe, dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_stableadamw_divisors_come_from_the_statistics_pass_unless_eps_matters(monkeypatch, dtype):
     """On one process on a CPU, the matrices' StableAdamW divisors come from the accumulators of their statistics pass

@@ -273,9 +273,9 @@ def test_rms_prodigy_factored_updates_the_first_moment_as_the_compiled_pass(dtyp
 
 @pytest.mark.parametrize("kernel,options,shape,moment", [
     ("update_prodigy_factored_many", dict(use_schedulefree=False), (200, 400), "exp_avg"),
-    ("rms_full_sf", dict(factored=False), (80_000,), "exp_avg_sq")], ids=["prodigy_mode", "unfactored"])
+    ("update_sf_full_many", dict(factored=False), (200, 400), "exp_avg_sq")], ids=["prodigy_mode", "unfactored"])
 def test_the_compiled_path_takes_the_native_rms_passes(monkeypatch, kernel, options, shape, moment):
-    """(Prodigy mode: the RMS pass of each matrix right before its update, in the native update's call.)"""
+    """(The RMS pass of each matrix right before its update, in the native update's call.)"""
     from prodigy_dist import ProdigyPlusScheduleFree
 
     calls = []
@@ -560,6 +560,45 @@ def test_update_many_matches_the_single_tensor_kernels(mode):
             assert torch.equal(o1[i], outs[i])
     assert not native.update_sf_factored_many(gs[:1], [ys[0].t()], zs[:1], as_[:1], cs[:1], k, None, None, "none",
                                               [(-1, None)])  # (a transposed y: not the kernel's)
+
+
+@pytest.mark.parametrize("mode", ["rms_each", "none", "atan2", "bf16_sr", "bf16_rne"])
+def test_update_full_many_matches_the_single_tensor_kernels(mode):
+    """update_sf_full_many (the full second moment) against rms_full_sf and update_sf_full tensor by tensor: the same
+    v, y, z and compact sample bits (rms_each: each tensor's RMS pass, which writes v, right before its update)."""
+    from prodigy_dist import rounding
+    dtype = torch.bfloat16 if mode.startswith("bf16") else torch.float32
+    gen = torch.Generator().manual_seed(8)
+    shapes = [(33, 70), (1, 5), (128, 3), (64, 2000)]
+    gs = [(torch.randn(sh, generator=gen) * 1e-2).to(dtype) for sh in shapes]
+    ys = [torch.randn(sh, generator=gen).to(dtype) for sh in shapes]
+    zs = [torch.randn(sh, generator=gen).to(dtype) for sh in shapes]
+    vs = [(torch.rand(sh, generator=gen) * 1e-9).to(dtype) for sh in shapes]
+    k = _scalars()
+    starts = [3, -1, 0, 7]
+    outs = [torch.empty((g.numel() - st + 10) // 11, dtype=dtype) if st >= 0 else None for g, st in zip(gs, starts)]
+    table = rounding.doubled_table(torch.device("cpu"), 0)
+    streams = [rounding.table_starts(3, 0, key=i) for i in range(len(shapes))]
+    noise = (table, [y for y, _ in streams], [z for _, z in streams]) if mode == "bf16_sr" else None
+    rms = [g.numel() for g in gs] if mode in ("rms_each", "bf16_sr", "bf16_rne") else None
+    atan2 = mode == "atan2"
+    y1, z1, v1 = ([t.clone() for t in ts] for ts in (ys, zs, vs))
+    v0 = [v.clone() for v in vs]
+    o1 = [o.clone() if o is not None else None for o in outs]
+    assert native.update_sf_full_many(gs, y1, z1, v1, k, None, rms, "raw", list(zip(starts, o1)), atan2=atan2,
+                                      noise=noise)
+    for i, g in enumerate(gs):
+        scale = native.rms_full_sf(g, vs[i], k, numel=g.numel()) if rms is not None else None
+        samples = (starts[i], outs[i]) if starts[i] >= 0 else None
+        assert native.update_sf_full(g, ys[i], zs[i], vs[i], k, scale, "raw", samples, atan2=atan2,
+                                     noise=(table, *streams[i]) if noise else None)
+        for a, b in ((y1[i], ys[i]), (z1[i], zs[i]), (v1[i], vs[i])):
+            assert torch.equal(a, b), i
+        if outs[i] is not None:
+            assert torch.equal(o1[i], outs[i])
+    assert all(not torch.equal(v, before) for v, before in zip(v1, v0))  # (v was written: here or by the RMS pass)
+    assert not native.update_sf_full_many(gs[:1], [ys[0].t()], zs[:1], vs[:1], k, None, None, "none",
+                                          [(-1, None)])  # (a transposed y: not the kernel's)
 
 
 def test_table_starts_many_are_the_starts_of_each_parameter():
