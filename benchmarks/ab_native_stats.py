@@ -42,31 +42,32 @@ base = make_base_tensors(args.set, torch.float32, seed=0)
 params = make_params(base)
 opt = ProdigyPlusScheduleFree(params, fast_path="compiled")
 adamw = torch.optim.AdamW(make_params(base), fused=True)
-stats, rms, update, many = (native.statistics, native.rms_factored, native.update_sf_factored,
-                             native.update_sf_factored_many)
 off = lambda *a, **k: None  # noqa: E731
 no_update = lambda *a, **k: False  # noqa: E731
-expansion = compiled._expansion
-no_expansion = lambda b, i: None  # noqa: E731
-# name -> (statistics, rms_factored, update_sf_factored, update_sf_factored_many, compiled._expansion), or None for
+stats, stats_many = native.statistics, native.statistics_many
+# name -> replacements of the native kernels and of compiled's expansion predicates (the rest as built), or None for
 # AdamW
 modes = {
-    "all native": (stats, rms, update, many, expansion),
-    "RMS passes": (stats, rms, update, many, no_expansion),
-    "compiled update": (stats, rms, no_update, no_update, expansion),
-    "native stats, no Prodigy": (lambda g, sample=None, extra=None: stats(g, None, extra), rms, no_update, no_update,
-                                 expansion),
-    "inductor RMS": (stats, off, no_update, no_update, expansion),
-    "inductor only": (off, off, no_update, no_update, expansion),
+    "all native": {},
+    "RMS passes": {"_expansion": lambda b, i: None, "_expansion_all": lambda b: None},
+    "compiled update": {"update_sf_factored": no_update, "update_sf_factored_many": no_update},
+    "native stats, no Prodigy": {
+        "statistics": lambda g, sample=None, extra=None: stats(g, None, extra),
+        "statistics_many": lambda gs, sample=None, extra=None: stats_many(gs, None, extra),
+        "update_sf_factored": no_update, "update_sf_factored_many": no_update},
+    "inductor RMS": {"rms_factored": off, "update_sf_factored": no_update, "update_sf_factored_many": no_update},
+    "inductor only": {"statistics": off, "statistics_many": off, "rms_factored": off, "update_sf_factored": no_update,
+                      "update_sf_factored_many": no_update},
     "AdamW(fused=True)": None,
 }
-KERNELS = ("statistics", "rms_factored", "update_sf_factored", "update_sf_factored_many")
+ORIGINAL = {name: getattr(native, name) for name in ("statistics", "statistics_many", "rms_factored",
+                                                     "update_sf_factored", "update_sf_factored_many")}
+ORIGINAL.update({name: getattr(compiled, name) for name in ("_expansion", "_expansion_all")})
 
 
-def use(kernels) -> None:
-    for name, kernel in zip(KERNELS, kernels):
-        setattr(native, name, kernel)
-    compiled._expansion = kernels[4]
+def use(replacements: dict) -> None:
+    for name, kernel in ORIGINAL.items():
+        setattr(compiled if name.startswith("_") else native, name, replacements.get(name, kernel))
 
 
 def run(mode: str, n: int = 6) -> float:
@@ -91,7 +92,7 @@ results = {m: [] for m in modes}
 for _ in range(args.rounds):
     for m in modes:
         results[m].append(run(m))
-use((stats, rms, update, many, expansion))
+use({})
 fused = statistics.median(results["AdamW(fused=True)"])
 print(f"{args.set}: {sum(p.numel() for p in params) / 1e6:.1f}M params, torch {torch.__version__}, "
       f"{args.threads} threads, {args.rounds} rounds")
