@@ -20,9 +20,10 @@ parameter the compiled passes move (counted from the passes, for the 2-D tensors
 the floor (those bytes over the copy bandwidth measured in the same rounds) and the compile time (first step of
 ``compiled`` minus a warm step). On a CPU whose reads, not writes, bound these passes, the telling figure is
 ``auto x read floor at AdamW(fused)'s read rate``: auto's time over the time of reading our bytes (``B read/param``)
-at the rate fused AdamW reads its 16 (fp32). The default step reads 20 B/param on a CPU with the native kernels
-(g in the statistics, RMS and update passes, y and z in the update; z's sampled values for the Prodigy statistics
-come compact from the previous update), so it is 1.25x fused AdamW when both read at the same rate.
+at the rate fused AdamW reads its 16 (fp32). The default step reads 16 B/param on one process on a CPU with the
+native kernels (g in the statistics and update passes, y and z in the update; StableAdamW's divisors come from the
+statistics pass, z's sampled values for the Prodigy statistics come compact from the previous update), so it is
+1.0x fused AdamW when both read at the same rate; it moves 24 B/param against fused AdamW's 28.
 
 The gradients are shared by all optimizers of a case (never modified); every optimizer has its own parameters.
 
@@ -70,8 +71,9 @@ VARIANTS = {
 
 
 def bytes_per_param(options: dict, dtype: str, native_kernels: bool) -> tuple[int, int]:
-    """Bytes per parameter the compiled step reads and writes for a 2-D tensor (see prodigy_dist/compiled.py), not
-    counting the 1/11-sized Prodigy vectors (p0, s, and z's compact samples: about 1.5 B/param in all)."""
+    """Bytes per parameter the compiled step reads and writes for a 2-D tensor on one process (see
+    prodigy_dist/compiled.py), not counting the 1/11-sized Prodigy vectors (p0, s, and z's compact samples: about 1.5
+    B/param in all)."""
     e = 4 if dtype == "fp32" else 2  # element size of g, y, z, m, v
     sf = options.get("use_schedulefree", True)
     full = not options.get("factored", True)
@@ -88,7 +90,10 @@ def bytes_per_param(options: dict, dtype: str, native_kernels: bool) -> tuple[in
     else:  # row sums and per-block column sums (2 loops), then the strided walks over g and z
         read = 4 * e
     written = 0
-    if stable:
+    # one process, native Schedule-Free update of factored tensors: StableAdamW's divisors come from the statistics
+    # pass (native.factors), no RMS pass (unless eps is not small against the gradients: not so in these sets)
+    divisors_from_statistics = native_kernels and sf and not full
+    if stable and not divisors_from_statistics:
         read += e  # RMS pass reads g
         for stored in (not sf, full):  # ... and m (Prodigy mode), v (unfactored): read and written there
             if stored:
