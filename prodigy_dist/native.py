@@ -1759,6 +1759,14 @@ def rms_full_sf_list(gs: list[torch.Tensor], vs: list[torch.Tensor], scalars: to
     return module.rms_full_sf_list(gs, vs, scalars)
 
 
+def _update_module(decay: str):
+    """The built kernels for an update with the weight decay mode ``decay`` (checked first), or None where they could
+    not be built."""
+    if decay not in _DECAYS:
+        raise ValueError(f"decay must be one of {sorted(_DECAYS)}, got {decay!r}")
+    return _load()
+
+
 def update_sf_full_list(gs: list[torch.Tensor], ys: list[torch.Tensor], zs: list[torch.Tensor],
                         vs: list[torch.Tensor], scalars: torch.Tensor, scales: torch.Tensor | None, decay: str,
                         atan2: bool = False, noise: tuple[torch.Tensor, list[int], list[int]] | None = None) -> bool:
@@ -1766,9 +1774,7 @@ def update_sf_full_list(gs: list[torch.Tensor], ys: list[torch.Tensor], zs: list
     divisors, one per tensor, or None; ``noise = (table, starts_y, starts_z)``: the starts per tensor). Tensors of
     any shape, contiguous, each no longer than the noise table. False (nothing written) when the kernels could not
     be built."""
-    if decay not in _DECAYS:
-        raise ValueError(f"decay must be one of {sorted(_DECAYS)}, got {decay!r}")
-    module = _load()
+    module = _update_module(decay)
     if module is None:
         return False
     table, starts_y, starts_z = noise if noise is not None else (None, [], [])
@@ -1827,9 +1833,7 @@ def update_sf_factored_many(gs: list[torch.Tensor], ys: list[torch.Tensor], zs: 
     cache), except where ``scales`` (given too) holds a finite divisor; neither: none. ``samples``: per tensor
     (start, out), start -1 for none; ``noise``: (table, starts of the y stream, starts of the z stream) per tensor.
     False (nothing written) unless the kernel takes every tensor or when the kernels could not be built."""
-    if decay not in _DECAYS:
-        raise ValueError(f"decay must be one of {sorted(_DECAYS)}, got {decay!r}")
-    module = _load()
+    module = _update_module(decay)
     if module is None:
         return False
     d, eps_term, numels = rms if rms is not None else (0.0, 0.0, [0] * len(gs))
@@ -1848,9 +1852,7 @@ def update_sf_full_many(gs: list[torch.Tensor], ys: list[torch.Tensor], zs: list
     tensor's :func:`rms_full_sf` pass, which writes v, right before its update unless ``scales`` holds a finite
     divisor for it. False (nothing written) unless the kernel takes every tensor, or when the kernels could not be
     built."""
-    if decay not in _DECAYS:
-        raise ValueError(f"decay must be one of {sorted(_DECAYS)}, got {decay!r}")
-    module = _load()
+    module = _update_module(decay)
     if module is None:
         return False
     table, starts_y, starts_z = noise if noise is not None else (None, [], [])
@@ -1884,9 +1886,7 @@ def update_prodigy_factored_many(gs: list[torch.Tensor], ys: list[torch.Tensor],
 def _update_sf(g, y, z, a, c, v, scalars, scale, decay, samples, atan2, noise) -> bool:
     # (the C++ function checks the dtypes, devices and layouts: this runs once per tensor and step, and the same
     # checks in Python cost several microseconds)
-    if decay not in _DECAYS:
-        raise ValueError(f"decay must be one of {sorted(_DECAYS)}, got {decay!r}")
-    module = _load()
+    module = _update_module(decay)
     if module is None:
         return False
     table, start_y, start_z = noise if noise is not None else (None, 0, 0)

@@ -517,6 +517,15 @@ def test_factors_update_the_moments_and_return_their_normalised_square_roots(dc)
                           [dc], [None], beta2, alpha) is None  # (not fp32: nothing written)
 
 
+def _update_tensors(dtype: torch.dtype, seed: int, shapes: list) -> tuple:
+    """g (about 1e-2), y and z of the given shapes, and the generator that drew them (for what a test draws next)."""
+    gen = torch.Generator().manual_seed(seed)
+    gs = [(torch.randn(sh, generator=gen) * 1e-2).to(dtype) for sh in shapes]
+    ys = [torch.randn(sh, generator=gen).to(dtype) for sh in shapes]
+    zs = [torch.randn(sh, generator=gen).to(dtype) for sh in shapes]
+    return gs, ys, zs, gen
+
+
 @pytest.mark.parametrize("mode", ["rms_each", "rms_each_where_no_scale", "scales", "none", "atan2", "bf16_sr",
                                   "bf16_rne"])
 def test_update_many_matches_the_single_tensor_kernels(mode):
@@ -524,11 +533,8 @@ def test_update_many_matches_the_single_tensor_kernels(mode):
     compact sample bits (rms_each_where_no_scale: the RMS pass only for the tensors whose given divisor is NaN)."""
     from prodigy_dist import rounding
     dtype = torch.bfloat16 if mode.startswith("bf16") else torch.float32
-    gen = torch.Generator().manual_seed(5)
     shapes = [(33, 70), (1, 5), (128, 3), (64, 2000)]
-    gs = [(torch.randn(s, generator=gen) * 1e-2).to(dtype) for s in shapes]
-    ys = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
-    zs = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    gs, ys, zs, gen = _update_tensors(dtype, 5, shapes)
     as_ = [torch.rand(s[0], generator=gen) * 1e-2 + 1e-3 for s in shapes]
     cs = [torch.rand(s[1], generator=gen) * 1e-2 + 1e-3 for s in shapes]
     k = _scalars()
@@ -568,11 +574,8 @@ def test_update_full_many_matches_the_single_tensor_kernels(mode):
     v, y, z and compact sample bits (rms_each: each tensor's RMS pass, which writes v, right before its update)."""
     from prodigy_dist import rounding
     dtype = torch.bfloat16 if mode.startswith("bf16") else torch.float32
-    gen = torch.Generator().manual_seed(8)
     shapes = [(33, 70), (1, 5), (128, 3), (64, 2000)]
-    gs = [(torch.randn(sh, generator=gen) * 1e-2).to(dtype) for sh in shapes]
-    ys = [torch.randn(sh, generator=gen).to(dtype) for sh in shapes]
-    zs = [torch.randn(sh, generator=gen).to(dtype) for sh in shapes]
+    gs, ys, zs, gen = _update_tensors(dtype, 8, shapes)
     vs = [(torch.rand(sh, generator=gen) * 1e-9).to(dtype) for sh in shapes]
     k = _scalars()
     starts = [3, -1, 0, 7]
