@@ -1591,8 +1591,9 @@ def _load():
                 from torch.utils.cpp_extension import load_inline
                 isa = torch.backends.cpu.get_cpu_capability()
                 flags = _ISA_FLAGS.get(isa, [])
-                logger.info("loading the native CPU kernels (%s); the first use on a machine builds them, ~20 s",
-                            isa)
+                logger.info("loading the native CPU kernels (%s); the first use on a machine builds them, ~20 s (if "
+                            "this waits much longer, a build killed midway left a 'lock' file in torch's extension "
+                            "cache, $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions: delete it)", isa)
                 _module = load_inline(name=f"prodigy_dist_native_v40_{isa.lower() if flags else 'base'}",
                                       cpp_sources=[_SOURCE],
                                       functions=["statistics", "statistics_many", "rms_factored", "stochastic_round_",
