@@ -582,20 +582,13 @@ def _row_col_all(b: Bucket) -> tuple[list[torch.Tensor], list[torch.Tensor], tor
 
 
 def _many_sample(b: Bucket, idx) -> tuple | None:
-    """What native.statistics_many needs for the Prodigy statistics of the pieces ``idx`` (z's samples where the
-    last native update left them), or None where a piece has no ``p0``."""
-    states = [b.states[i] for i in idx]
-    if not all("p0" in st for st in states):
+    """What native.statistics_many needs for the Prodigy statistics of the pieces ``idx`` (:func:`_native_sample` of
+    each, per field), or None where a piece's are not wanted (no ``p0``)."""
+    samples = [_native_sample(b, i) for i in idx]
+    if any(sample is None for sample in samples):
         return None
-    data = [kernels.prodigy_data(b, i) for i in idx]
-    starts = [b.layouts[i].slice_start for i in idx]
-    p0s = [st["p0"] for st in states]
-    compacts = [None] * len(p0s)
-    if b.group["use_schedulefree"]:
-        compacts = [_recalled_samples(x, start) for x, start in zip(data, starts)]
-        compacts = [c if c is None or c.numel() == p0.numel() else None for c, p0 in zip(compacts, p0s)]
-    return (starts, data, p0s, None if b.group["use_speed"] else [st["s"] for st in states], b.sc["beta3"],
-            b.sc["delta"], compacts)
+    starts, data, p0s, ss, _, _, compacts = (list(field) for field in zip(*samples))
+    return starts, data, p0s, None if b.group["use_speed"] else ss, b.sc["beta3"], b.sc["delta"], compacts
 
 
 def _oriented(rows: torch.Tensor, cols: torch.Tensor, dr: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -619,10 +612,9 @@ def _sq_norms(b: Bucket) -> list[torch.Tensor] | torch.Tensor:
             out[i] = t
     many = [i for i, g in enumerate(b.grads) if out[i] is None and g.dim() == 2]
     if many and native.available():
-        sample = None
-        if b.sc["prodigy_active"] and not b.sc["adopt_first"]:
-            sample = _many_sample(b, many)
-        if sample is not None or not (b.sc["prodigy_active"] and not b.sc["adopt_first"]):
+        wanted = b.sc["prodigy_active"] and not b.sc["adopt_first"]
+        sample = _many_sample(b, many) if wanted else None
+        if sample is not None or not wanted:  # (else piece by piece below)
             result = native.statistics_many([b.grads[i] for i in many], sample)
             if result is not None:
                 sums, _, _, s_new, _ = result
@@ -945,18 +937,15 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
     native_sr = stochastic and native.available()
     if native_sr:  # the kernel writes fp32 results into a buffer in cache, native.stochastic_round_ stores them
         V = V._replace(storage="sr_out")
-    if native_update and rest and (rms_each or not V.stable or all_scales is not None):
-        # the pieces in one native call (each piece's RMS pass right before its update on one process)
+    prodigy_mode_many = not V.schedulefree and not V.full
+    if (native_update or prodigy_mode_many) and rest and (rms_each or not V.stable or all_scales is not None):
+        # the pieces in one native call (each piece's RMS pass, which in Prodigy mode writes m, right before its
+        # update on one process)
         many_scales = all_scales[list(rest)] if V.stable and not rms_each else None
-        if rms_each and b.divisors is not None:  # (from the statistics pass; NaN: that piece's RMS pass)
+        if native_update and rms_each and b.divisors is not None:  # (from the statistics pass; NaN: its RMS pass)
             many_scales = b.divisors  # (a factored bucket: rest is every piece)
-        if _native_update_many(b, list(rest), factors, s, V, stochastic, many_scales, rms_each):
-            return
-    if not V.schedulefree and not V.full and rest and native.available() and (
-            rms_each or not V.stable or all_scales is not None):
-        # Prodigy mode: likewise in one native call (the RMS pass, which writes m, right before each update)
-        many_scales = all_scales[list(rest)] if V.stable and not rms_each else None
-        if _native_prodigy_many(b, list(rest), factors, s, V, stochastic, many_scales, rms_each):
+        many = _native_update_many if native_update else _native_prodigy_many
+        if many(b, list(rest), factors, s, V, stochastic, many_scales, rms_each):
             return
     upd = _kernel("prodigy_update", _update_pass, tuple(V) + (V.stable,))
     for i in rest:
@@ -1045,7 +1034,7 @@ def _native_update(b: Bucket, i: int, a, c, s, scale, V: Variant, stochastic: bo
     # 2-D views (unfactored pieces of any shape: rows of their last dim); the sample positions are flat indices
     g, y, z = b.grads[i], b.params[i].detach(), z_state
     if V.full:
-        rows = (-1, g.shape[-1]) if g.dim() >= 2 else (1, -1)
+        rows = _rows_shape(g)
         g, y, z = g.reshape(rows), y.reshape(rows), z.reshape(rows)
     out = _samples_buffer(st)
     noise = None
@@ -1063,6 +1052,11 @@ def _native_update(b: Bucket, i: int, a, c, s, scale, V: Variant, stochastic: bo
     if out is not None:
         _remember_samples(z_state, layout.slice_start, out)
     return True
+
+
+def _rows_shape(g: torch.Tensor) -> tuple[int, int]:
+    """The 2-D view the native kernels take of an unfactored piece of any shape: rows of its last dim."""
+    return (-1, g.shape[-1]) if g.dim() >= 2 else (1, -1)
 
 
 def _samples_buffer(st: dict) -> torch.Tensor | None:
@@ -1094,7 +1088,7 @@ def _native_update_many(b: Bucket, idx: list[int], factors, s, V: Variant, stoch
                                            [b.positions[i] for i in idx]))
     gs, ys, zs = [b.grads[i] for i in idx], [b.params[i].detach() for i in idx], [states[i]["z"] for i in idx]
     if V.full:  # (2-D views: rows of the last dim; the sample positions are flat indices)
-        shapes = [(-1, g.shape[-1]) if g.dim() >= 2 else (1, -1) for g in gs]
+        shapes = [_rows_shape(g) for g in gs]
         gs, ys, zs = ([t.reshape(shape) for t, shape in zip(ts, shapes)] for ts in (gs, ys, zs))
         vs = [states[i]["exp_avg_sq"].reshape(g.shape) for i, g in zip(idx, gs)]
         done = native.update_sf_full_many(gs, ys, zs, vs, s, scales,

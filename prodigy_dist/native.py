@@ -567,14 +567,38 @@ static Sample make_sample(const torch::Tensor& g, int64_t start, const c10::opti
                 s.has_value() ? reinterpret_cast<uint16_t*>(s_new.data_ptr()) : nullptr, float(beta3), float(delta)};
 }
 
-static void statistics_dispatch(const torch::Tensor& g, const Sample* sp, const Expansion* ep, float* row_out,
-                                float* col_out, float* sums_out, float* expand_out, float* gsq) {
+// One tensor's statistics pass (after statistics_applies) with its result tensors: [rows (r, 1), cols (1, c), the new
+// s (empty unless sampled with s), the expansion's accumulators (4, c; empty without f_old)]; the Prodigy sums into
+// sums_out[0..2] and, with gsq, the sum of g^2.
+static std::vector<torch::Tensor> statistics_tensor(
+    const torch::Tensor& g, int64_t start, const c10::optional<torch::Tensor>& data,
+    const c10::optional<torch::Tensor>& p0, const c10::optional<torch::Tensor>& s, double beta3, double delta,
+    const c10::optional<torch::Tensor>& compact, const c10::optional<torch::Tensor>& f_old, double beta2,
+    double alpha, double inv_cols, double inv_d2, float* sums_out, float* gsq) {
   const int64_t rows = g.size(0), cols = g.size(1);
+  const auto f32 = g.options().dtype(torch::kFloat);
+  auto row_out = torch::empty({rows, 1}, f32);  // (keepdim shapes: what the optimizer keeps them as)
+  auto col_out = torch::empty({1, cols}, f32);
+  auto s_new = torch::empty({start >= 0 && s.has_value() ? sample_count(g.numel(), start) : 0},
+                            g.options().dtype(torch::kBFloat16));
+  Sample S{};
+  if (start >= 0) S = make_sample(g, start, data, p0, s, beta3, delta, compact, s_new);
+  Expansion E{};
+  auto expand_out = torch::empty({f_old.has_value() ? 4 : 0, cols}, f32);
+  if (f_old.has_value()) {
+    TORCH_CHECK(f_old->numel() == rows, "f_old: one value per row");
+    E = Expansion{f_old->data_ptr<float>(), float(beta2), float(alpha), float(inv_cols), float(inv_d2)};
+  }
+  const Sample* sp = start >= 0 ? &S : nullptr;
+  const Expansion* ep = f_old.has_value() ? &E : nullptr;
   if (g.scalar_type() == torch::kFloat)
-    statistics_into<float>(g.data_ptr<float>(), rows, cols, sp, ep, row_out, col_out, sums_out, expand_out, gsq);
+    statistics_into<float>(g.data_ptr<float>(), rows, cols, sp, ep, row_out.data_ptr<float>(),
+                           col_out.data_ptr<float>(), sums_out, expand_out.data_ptr<float>(), gsq);
   else
-    statistics_into<uint16_t>(reinterpret_cast<const uint16_t*>(g.data_ptr()), rows, cols, sp, ep, row_out, col_out,
-                              sums_out, expand_out, gsq);
+    statistics_into<uint16_t>(reinterpret_cast<const uint16_t*>(g.data_ptr()), rows, cols, sp, ep,
+                              row_out.data_ptr<float>(), col_out.data_ptr<float>(), sums_out,
+                              expand_out.data_ptr<float>(), gsq);
+  return {row_out, col_out, s_new, expand_out};
 }
 
 // Factored statistics of g (rows, cols: sums of g^2 along dim 1 and dim 0) and, with start >= 0, the Prodigy
@@ -588,24 +612,10 @@ std::vector<torch::Tensor> statistics(torch::Tensor g, int64_t start, c10::optio
                                       c10::optional<torch::Tensor> f_old, double beta2, double alpha,
                                       double inv_cols, double inv_d2) {
   if (!statistics_applies(g, start, data, p0, s, compact, f_old)) return {};
-  const int64_t rows = g.size(0), cols = g.size(1);
-  const auto f32 = g.options().dtype(torch::kFloat);
-  auto row_out = torch::empty({rows, 1}, f32);  // (keepdim shapes: what the optimizer keeps them as)
-  auto col_out = torch::empty({1, cols}, f32);
-  auto sums_out = torch::empty({3}, f32);
-  const int64_t n_samples = start < 0 ? 0 : sample_count(g.numel(), start);
-  auto s_new = torch::empty({start >= 0 && s.has_value() ? n_samples : 0}, g.options().dtype(torch::kBFloat16));
-  Sample S{};
-  if (start >= 0) S = make_sample(g, start, data, p0, s, beta3, delta, compact, s_new);
-  Expansion E{};
-  torch::Tensor expand_out = torch::empty({f_old.has_value() ? 4 : 0, cols}, f32);
-  if (f_old.has_value()) {
-    TORCH_CHECK(f_old->numel() == rows, "f_old: one value per row");
-    E = Expansion{f_old->data_ptr<float>(), float(beta2), float(alpha), float(inv_cols), float(inv_d2)};
-  }
-  statistics_dispatch(g, start >= 0 ? &S : nullptr, f_old.has_value() ? &E : nullptr, row_out.data_ptr<float>(),
-                      col_out.data_ptr<float>(), sums_out.data_ptr<float>(), expand_out.data_ptr<float>(), nullptr);
-  return {row_out, col_out, sums_out, s_new, expand_out};
+  auto sums_out = torch::empty({3}, g.options().dtype(torch::kFloat));
+  auto t = statistics_tensor(g, start, data, p0, s, beta3, delta, compact, f_old, beta2, alpha, inv_cols, inv_d2,
+                             sums_out.data_ptr<float>(), nullptr);
+  return {t[0], t[1], sums_out, t[2], t[3]};
 }
 
 // statistics() for the 2-D tensors of a bucket in one call, tensor after tensor (each pass over all threads): the
@@ -628,32 +638,15 @@ std::vector<torch::Tensor> statistics_many(std::vector<torch::Tensor> gs, std::v
     if (gs[i].scalar_type() != gs[0].scalar_type() ||
         !statistics_applies(gs[i], starts[i], datas[i], p0s[i], ss[i], compacts[i], f_olds[i]))
       return {};
-  const auto f32 = torch::TensorOptions().dtype(torch::kFloat);
-  auto sums = torch::zeros({int64_t(n), 4}, f32);
+  auto sums = torch::zeros({int64_t(n), 4}, torch::TensorOptions().dtype(torch::kFloat));
   float* sums_p = sums.data_ptr<float>();
-  std::vector<torch::Tensor> rows(n), cols(n), s_new(n), expand(n);
+  std::vector<torch::Tensor> out(1 + 4 * n);  // (sums, then the rows, cols, new s and accumulators of each tensor)
+  out[0] = sums;
   for (size_t i = 0; i < n; ++i) {
-    const torch::Tensor& g = gs[i];
-    const int64_t r = g.size(0), c = g.size(1);
-    rows[i] = torch::empty({r, 1}, f32);
-    cols[i] = torch::empty({1, c}, f32);
-    const int64_t n_samples = starts[i] < 0 ? 0 : sample_count(g.numel(), starts[i]);
-    s_new[i] = torch::empty({starts[i] >= 0 && ss[i].has_value() ? n_samples : 0}, f32.dtype(torch::kBFloat16));
-    Sample S{};
-    if (starts[i] >= 0) S = make_sample(g, starts[i], datas[i], p0s[i], ss[i], beta3, delta, compacts[i], s_new[i]);
-    Expansion E{};
-    expand[i] = torch::empty({f_olds[i].has_value() ? 4 : 0, c}, f32);
-    if (f_olds[i].has_value()) {
-      TORCH_CHECK(f_olds[i]->numel() == r, "f_old: one value per row");
-      E = Expansion{f_olds[i]->data_ptr<float>(), float(beta2), float(alpha), float(inv_cols[i]), float(inv_d2)};
-    }
-    statistics_dispatch(g, starts[i] >= 0 ? &S : nullptr, f_olds[i].has_value() ? &E : nullptr,
-                        rows[i].data_ptr<float>(), cols[i].data_ptr<float>(), sums_p + 4 * i,
-                        expand[i].data_ptr<float>(), sums_p + 4 * i + 3);
+    auto t = statistics_tensor(gs[i], starts[i], datas[i], p0s[i], ss[i], beta3, delta, compacts[i], f_olds[i], beta2,
+                               alpha, inv_cols[i], inv_d2, sums_p + 4 * i, sums_p + 4 * i + 3);
+    for (size_t k = 0; k < 4; ++k) out[1 + k * n + i] = t[k];
   }
-  std::vector<torch::Tensor> out{sums};
-  out.reserve(1 + 4 * n);
-  for (auto* list : {&rows, &cols, &s_new, &expand}) out.insert(out.end(), list->begin(), list->end());
   return out;
 }
 
@@ -1594,7 +1587,7 @@ def _load():
                 logger.info("loading the native CPU kernels (%s); the first use on a machine builds them, ~20 s (if "
                             "this waits much longer, a build killed midway left a 'lock' file in torch's extension "
                             "cache, $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions: delete it)", isa)
-                _module = load_inline(name=f"prodigy_dist_native_v40_{isa.lower() if flags else 'base'}",
+                _module = load_inline(name=f"prodigy_dist_native_v41_{isa.lower() if flags else 'base'}",
                                       cpp_sources=[_SOURCE],
                                       functions=["statistics", "statistics_many", "rms_factored", "stochastic_round_",
                                                  "update_sf", "atan2_fast_", "factors_",
