@@ -98,9 +98,17 @@ logger = logging.getLogger(__name__)
 #: ``fast_path`` values accepted by the optimizer.
 FAST_PATHS = ("auto", "compiled", "eager")
 
-#: With ``fast_path="auto"`` on a CPU, the compiled path is used only when the optimizer holds at least this many
-#: parameters: compiling costs 10-60 s per variant on a CPU, which pays off only for large models.
+#: With ``fast_path="auto"`` on a CPU, a bucket that needs inductor's kernels takes the fast path only when the
+#: optimizer holds at least this many parameters: compiling costs 10-60 s per variant on a CPU, which pays off only
+#: for large models.
 AUTO_CPU_MIN_PARAMS = 1 << 24
+
+#: With ``fast_path="auto"`` on a CPU and one process, a bucket whose every pass runs in the native kernels
+#: (:func:`native_only`: nothing to compile; the kernels are built once per machine, ~20 s, and cached) takes the
+#: fast path from this many parameters on, small tensors included. Measured (BENCHMARKS.md, tenth session): a
+#: 1.9M-parameter GPT's step 25 -> 7.5 ms, a 16M one's 105 -> 20 ms; below, the build would take too many steps to
+#: pay off in a short script.
+AUTO_CPU_NATIVE_MIN_PARAMS = 1 << 20
 
 #: Rows per block of the compiled statistics pass (column partial sums accumulate per block of rows).
 ROW_BLOCK = 32
@@ -197,16 +205,18 @@ class _Kernel:
         code = fn.__code__.replace(co_name=name)
         self.fn = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
         self.name = name
-        # emulate_precision_casts: keep the explicit bf16 roundings of intermediate values (inductor would
-        # otherwise compute through them in fp32 and differ from the eager path)
-        self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True,
-                                      options={"emulate_precision_casts": True})
+        self.compiled: Callable | None = None  # (made on the first call: torch.compile imports dynamo, ~1.3 s)
         self.failed = False
         self.duck_shape = duck_shape
 
     def __call__(self, *args):
         if not self.failed:
             try:
+                if self.compiled is None:
+                    # emulate_precision_casts: keep the explicit bf16 roundings of intermediate values (inductor
+                    # would otherwise compute through them in fp32 and differ from the eager path)
+                    self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True,
+                                                  options={"emulate_precision_casts": True})
                 if self.duck_shape:
                     return self.compiled(*args)
                 # no duck shaping: sizes that happen to be equal get no guard tying them together, so that a list
@@ -273,7 +283,9 @@ def choose(b: Bucket, fast_path: str, total_params: Callable[[], int], alone: bo
     AUTO_CPU_MIN_PARAMS parameters (compile time would not pay off). A bucket that can be packed
     (``packable``, prodigy_dist.packing) runs the packed eager kernels, a few passes over its elements, unless every
     piece takes the native list kernels (:func:`_listed`: a CPU, small unfactored Schedule-Free pieces), one call
-    per pass for all of them. A packed bucket is never compiled.
+    per pass for all of them. A packed bucket is never compiled. Where nothing needs compiling (:func:`native_only`)
+    none of that holds back a bucket: ``"auto"`` takes it, small tensors included, from AUTO_CPU_NATIVE_MIN_PARAMS
+    parameters on, and torch.compile is not even probed.
     """
     if fast_path == "eager" or b.pack is not None:
         return False
@@ -287,16 +299,38 @@ def choose(b: Bucket, fast_path: str, total_params: Callable[[], int], alone: bo
                         "(logged once)", len(b.params), obstacle)
         return False
     device = b.params[0].device
-    if fast_path == "auto" and device.type == "cpu" and total_params() < AUTO_CPU_MIN_PARAMS:
+    small_model = fast_path == "auto" and device.type == "cpu" and total_params() < AUTO_CPU_MIN_PARAMS
+    if small_model and total_params() < AUTO_CPU_NATIVE_MIN_PARAMS:
         return False
-    if packable or (fast_path == "auto" and alone and b.scratch is None):
+    natively = native_only(b, V)
+    if small_model and not natively:
+        return False
+    if not natively and (packable or (fast_path == "auto" and alone and b.scratch is None)):
         lists = V.full and _native_schedulefree(V) and len(_listed(b)) == len(b.params)
         if not lists:
             return False
-    if not available(device):
+    if not natively and not available(device):  # (native kernels alone need no torch.compile)
         return False
     b.variant = V
     return True
+
+
+def native_only(b: Bucket, V: Variant) -> bool:
+    """Whether every pass of bucket ``b`` (variant ``V``) runs in the native kernels, so that nothing is compiled:
+    a CPU, one process, the kernels built; Schedule-Free with fp32 or bf16 storage (factored 2-D tensors, or
+    unfactored ones that are 2-D or small enough for the list kernels), or Prodigy mode with factored 2-D tensors;
+    with stochastic rounding, rows of at most TABLE_SIZE elements. tests/test_compiled.py holds this to the passes
+    that run."""
+    if not b.alone or _on_gpu(b) or V.storage not in ("fp32", "sr", "rne"):
+        return False
+    if V.full:
+        if not V.schedulefree or not all(g.dim() == 2 or g.numel() < LIST_MAX for g in b.grads):
+            return False
+    elif not all(g.dim() == 2 for g in b.grads):
+        return False
+    if V.storage == "sr" and any((g.shape[-1] if g.dim() >= 2 else g.numel()) > TABLE_SIZE for g in b.grads):
+        return False
+    return native.available()
 
 
 def merge(buckets: list[Bucket]) -> list[Bucket]:
