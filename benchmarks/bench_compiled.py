@@ -11,7 +11,8 @@ interleaved rounds (the order rotates every round; medians reported):
   compiled   ours with fast_path="compiled"   (every supported tensor compiled, the small ones too)
   auto       ours with fast_path="auto"       (the default: on one process the small tensors stay in the eager
                                               multi-tensor kernels, except the unfactored Schedule-Free ones on a
-                                              CPU: native list kernels; compiled on a CPU from 2^24 parameters)
+                                              CPU: native list kernels; compiled on a CPU from 2^24 parameters,
+                                              and from 2^20 where every pass is native, small tensors included)
   copy       a bandwidth probe: copy_ between two 256 MiB buffers (bytes read + written / time)
   read       a read-bandwidth probe: sum() of one 256 MiB buffer (bytes read / time)
 

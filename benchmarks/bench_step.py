@@ -80,6 +80,9 @@ TENSOR_SETS = {
     "gpt2-124m": dict(vocab=50257, ctx=1024, d=768, layers=12),
     # A small GPT: 19.5M parameters.
     "gpt-20m": dict(vocab=8192, ctx=1024, d=384, layers=9),
+    # Smaller ones, below 2^24 parameters (compiled.AUTO_CPU_MIN_PARAMS): 16.4M and 1.9M parameters.
+    "gpt-16m": dict(vocab=1024, ctx=128, d=384, layers=9),
+    "gpt-2m": dict(vocab=1024, ctx=128, d=128, layers=9),
 }
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -72,7 +72,9 @@ graph serves every tensor of a rank and dtype (inductor adds a second graph for 
 specialise on a size range); each variant of each kernel is its own code object, so variants never share the
 recompile limit. A list kernel (GPU) has one code object per list length and is compiled without duck shaping,
 so any list of as many tensors reuses its graph. A kernel that cannot be compiled (no C++ compiler, a limit hit,
-an inductor error) is logged once at warning level and runs the same Python function eagerly.
+an inductor error) is logged once at warning level and runs the same Python function eagerly. A kernel's
+``torch.compile`` wrapper is made on its first call, and a bucket whose every pass runs in the native kernels
+(:func:`native_only`) neither probes ``torch.compile`` nor compiles anything.
 """
 
 from __future__ import annotations
@@ -105,9 +107,9 @@ AUTO_CPU_MIN_PARAMS = 1 << 24
 
 #: With ``fast_path="auto"`` on a CPU and one process, a bucket whose every pass runs in the native kernels
 #: (:func:`native_only`: nothing to compile; the kernels are built once per machine, ~20 s, and cached) takes the
-#: fast path from this many parameters on, small tensors included. Measured (BENCHMARKS.md, tenth session): a
-#: 1.9M-parameter GPT's step 25 -> 7.5 ms, a 16M one's 105 -> 20 ms; below, the build would take too many steps to
-#: pay off in a short script.
+#: fast path from this many parameters on, small tensors included. Measured (BENCHMARKS.md, tenth session, 2
+#: threads): GPT shapes of 1.9M parameters step in 5.6 ms instead of the eager path's 23.3, of 16.4M in 18.5 instead
+#: of 81.3; below, the first build would take too many steps to pay off in a short script.
 AUTO_CPU_NATIVE_MIN_PARAMS = 1 << 20
 
 #: Rows per block of the compiled statistics pass (column partial sums accumulate per block of rows).

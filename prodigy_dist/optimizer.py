@@ -482,7 +482,8 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
         groups = tuple((id(g), tuple((k, v) for k, v in g.items() if k not in _PER_STEP_KEYS))
                        for g in self.param_groups)
         flags = tuple((sc["adopt_first"], sc["raw_update"]) for sc in scalars)
-        settings = (self.fast_path, packing.ENABLED, compiled.LIST_MAX, compiled.AUTO_CPU_MIN_PARAMS)
+        settings = (self.fast_path, packing.ENABLED, compiled.LIST_MAX, compiled.AUTO_CPU_MIN_PARAMS,
+                    compiled.AUTO_CPU_NATIVE_MIN_PARAMS)
         return settings, tuple(per_param), groups, flags
 
     def _run_step(self, items: list[tuple[int, torch.Tensor]]) -> None:
