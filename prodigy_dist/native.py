@@ -924,6 +924,15 @@ static void with_int3(int64_t value, F f) {  // value in {0, 1, 2}
   else f(std::integral_constant<int, 2>{});
 }
 
+// f(element, store mode) for the storage of the results: fp32 (STORE 0); bf16 rounded stochastically with the noise
+// table (2), else to nearest even (1).
+template <typename F>
+static void with_storage(torch::ScalarType dtype, bool noise, F f) {
+  if (dtype == torch::kFloat) f(float{}, std::integral_constant<int, 0>{});
+  else if (noise) f(uint16_t{}, std::integral_constant<int, 2>{});
+  else f(uint16_t{}, std::integral_constant<int, 1>{});
+}
+
 // The compile-time variant of an update pass, as a type.
 template <typename Element, int Store, bool Stable, int Decay, bool Atan2, bool Full>
 struct UpdateVariant {
@@ -939,7 +948,7 @@ struct UpdateVariant {
 template <typename F>
 static void with_update_variant(torch::ScalarType dtype, bool noise, bool stable, int64_t decay, bool atan2,
                                 bool full, F f) {
-  auto run = [&](auto element, auto store_mode) {
+  with_storage(dtype, noise, [&](auto element, auto store_mode) {
     using T = std::decay_t<decltype(element)>;
     constexpr int STORE = std::decay_t<decltype(store_mode)>::value;
     with_bool(stable, [&](auto s) {
@@ -953,10 +962,7 @@ static void with_update_variant(torch::ScalarType dtype, bool noise, bool stable
         });
       });
     });
-  };
-  if (dtype == torch::kFloat) run(float{}, std::integral_constant<int, 0>{});
-  else if (noise) run(uint16_t{}, std::integral_constant<int, 2>{});
-  else run(uint16_t{}, std::integral_constant<int, 1>{});
+  });
 }
 
 // In place on y and z (contiguous, 2-D; g, y, z all fp32 or all bf16): the update above, with the factors a, c or
@@ -1212,14 +1218,11 @@ bool update_prodigy_factored_many(std::vector<torch::Tensor> gs, std::vector<tor
         });
       }
     };
-    auto with_flags = [&](auto element, auto store_mode) {
+    with_storage(dtype, table_ptr != nullptr, [&](auto element, auto store_mode) {
       with_bool(stable, [&](auto s) {
         with_bool(decay == 1, [&](auto sc) { with_bool(atan2, [&](auto a) { run(element, store_mode, s, sc, a); }); });
       });
-    };
-    if (dtype == torch::kFloat) with_flags(float{}, std::integral_constant<int, 0>{});
-    else if (table_ptr != nullptr) with_flags(uint16_t{}, std::integral_constant<int, 2>{});
-    else with_flags(uint16_t{}, std::integral_constant<int, 1>{});
+    });
   }
   return true;
 }
@@ -1587,7 +1590,7 @@ def _load():
                 logger.info("loading the native CPU kernels (%s); the first use on a machine builds them, ~20 s (if "
                             "this waits much longer, a build killed midway left a 'lock' file in torch's extension "
                             "cache, $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions: delete it)", isa)
-                _module = load_inline(name=f"prodigy_dist_native_v41_{isa.lower() if flags else 'base'}",
+                _module = load_inline(name=f"prodigy_dist_native_v42_{isa.lower() if flags else 'base'}",
                                       cpp_sources=[_SOURCE],
                                       functions=["statistics", "statistics_many", "rms_factored", "stochastic_round_",
                                                  "update_sf", "atan2_fast_", "factors_",
