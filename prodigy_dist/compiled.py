@@ -541,7 +541,7 @@ def _update_list(gs, as_, cs, ms, vs, ys, zs, scales, s, table, starts, V: Varia
 
 def _on_gpu(b: Bucket) -> bool:
     """Whether the bucket's kernels run in list calls (any device but the CPU)."""
-    return b.params[0].device.type != "cpu"
+    return not b.params[0].is_cpu
 
 
 def _chunks(b: Bucket, indices) -> list[list[int]]:

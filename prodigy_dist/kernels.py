@@ -278,7 +278,7 @@ def commit_s(b: Bucket) -> None:
     for st, new in zip(b.states, b.s_new):
         old = st["s"]
         if old._base is None and new._base is None and new.dtype == old.dtype and new.shape == old.shape \
-                and new.device == old.device:
+                and (new.is_cpu and old.is_cpu or new.device == old.device):
             st["s"] = new
         else:
             targets.append(old)

@@ -10,6 +10,7 @@ Pieces of one tensor held by several ranks are combined over ``group`` (``None``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -23,7 +24,8 @@ MIN_DIM_TO_FACTOR = 32
 
 @dataclass(frozen=True)
 class ParamLayout:
-    """Layout of one local piece: rows ``[row_offset, row_offset + local_rows)`` of a ``global_shape`` tensor."""
+    """Layout of one local piece: rows ``[row_offset, row_offset + local_rows)`` of a ``global_shape`` tensor.
+    (Immutable: the derived sizes and offsets are computed once, the optimizer reads them every step.)"""
 
     global_shape: tuple[int, ...]
     row_offset: int = 0
@@ -39,23 +41,23 @@ class ParamLayout:
     def fragment(self) -> bool:
         return self.flat_start is not None
 
-    @property
+    @cached_property
     def lead(self) -> int:
         """A fragment's position in the block of the rows it touches (0 for row blocks)."""
         return self.flat_start - self.row_offset * self.row_numel if self.fragment else 0
 
-    @property
+    @cached_property
     def global_numel(self) -> int:
         n = 1
         for s in self.global_shape:
             n *= s
         return n
 
-    @property
+    @cached_property
     def row_numel(self) -> int:
         return self.global_numel // self.global_shape[0] if self.global_shape and self.global_shape[0] else 0
 
-    @property
+    @cached_property
     def flat_offset(self) -> int:
         """Global flat index of the first local element."""
         if self.flat_start is not None:
@@ -66,7 +68,7 @@ class ParamLayout:
     def sharded(self) -> bool:
         return self.group is not None
 
-    @property
+    @cached_property
     def slice_start(self) -> int:
         """First local flat index whose global index is a multiple of SLICE."""
         return (-self.flat_offset) % SLICE

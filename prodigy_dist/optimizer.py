@@ -91,6 +91,7 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
         self._packs: dict[tuple, packing.Pack] = {}  # prodigy_dist.packing.pack_for's cache
         self._layouts: dict[int, ParamLayout] = {}
         self._plan: tuple | None = None  # (what the buckets depend on, the buckets) of the last step
+        self._sum_order_cache: tuple | None = None  # (buckets, device, _sum_order's tensors)
         self._fused = _FusedStepState()
         super().__init__(params, defaults)
         split = split_groups and len(self.param_groups) > 1
@@ -564,13 +565,10 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
         device = rows.device
         num_t = torch.zeros(rows.shape[0], dtype=torch.float32, device=device)
         den_t = torch.zeros_like(num_t)
-        acc = []
         speed_commits = []
         start = 0
         for b in buckets:
             n = len(b.params)
-            gi = next(i for i, g in enumerate(groups) if g is b.group)
-            acc += [gi if split else 0] * n
             sl = slice(start, start + n)
             start += n
             if not (b.sc["prodigy_active"] and not b.sc["adopt_first"]):
@@ -594,11 +592,7 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
                 s_dtype = b.states[0]["s"].dtype
                 den_t[sl] = rows[sl, ABS_S].to(s_dtype).float()  # sum|s| rounded to s's dtype per tensor
                 num_t[sl] = delta * rows[sl, DOT]
-        # Sum in parameter order, whatever the bucketing or the order the hooks ran in.
-        positions = [pos for b in buckets for pos in b.positions]
-        perm = sorted(range(len(positions)), key=positions.__getitem__)
-        perm_t = torch.tensor(perm, dtype=torch.long, device=device)
-        acc_index = torch.tensor([acc[i] for i in perm], dtype=torch.long, device=device)
+        perm_t, acc_index = self._sum_order(buckets, device)
         num = torch.zeros(n_acc, dtype=torch.float32, device=device).index_add_(0, acc_index, num_t[perm_t])
         den = torch.zeros(n_acc, dtype=torch.float32, device=device).index_add_(0, acc_index, den_t[perm_t])
         checks = torch.stack([rows[:, GSQ].sum(), rows.sum() + num.sum() + den.sum()])
@@ -618,6 +612,26 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
             for i, st in enumerate(b.states):
                 st["exp_avg_x0_dot"], st["max_x0_minus_l1_norm"], st["max_x0_minus_l2_norm"] = ema[i], l1[i], l2[i]
         return host[:n_acc], host[n_acc:2 * n_acc]
+
+    def _sum_order(self, buckets: list[Bucket], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """For summing the per-tensor rows of a step in parameter order, whatever the bucketing or the order the hooks
+        ran in: the permutation of the rows, and the accumulator (parameter group, or 0) of each permuted row. Kept
+        with the bucket list they were made for (a reused plan reuses them)."""
+        cached = self._sum_order_cache
+        if cached is not None and cached[0] is buckets and cached[1] == device:
+            return cached[2]
+        groups = self.param_groups
+        split = groups[0]["split_groups"]
+        acc, positions = [], []
+        for b in buckets:
+            gi = next(i for i, g in enumerate(groups) if g is b.group) if split else 0
+            acc += [gi] * len(b.params)
+            positions += b.positions
+        perm = sorted(range(len(positions)), key=positions.__getitem__)
+        order = (torch.tensor(perm, dtype=torch.long, device=device),
+                 torch.tensor([acc[i] for i in perm], dtype=torch.long, device=device))
+        self._sum_order_cache = (buckets, device, order)
+        return order
 
     def _skip_step(self) -> None:
         if self.nonfinite_grads == "raise":
