@@ -45,7 +45,10 @@
   update on one process (the Python work and the call per tensor cost, from a cold cache, more than the arithmetic
   of a small matrix: 20M-parameter GPT, 2 threads, the step 24.5 -> 23.4 ms with the compact samples' writes
   without a division each, 23.6 -> 21.5 ms with the statistics in one call too; Prodigy mode, whose update was
-  compiled, 33.0 -> 26.0 ms; ``factored=False`` 32.7 -> 30.3 ms).
+  compiled, 33.0 -> 26.0 ms; ``factored=False`` 32.7 -> 30.3 ms). Where no tensor needs its RMS pass, the
+  Schedule-Free update splits all the matrices' rows among the threads in one parallel region instead of one region
+  per matrix (the update pass alone over the 38 matrices of a 1.9M-parameter GPT, 2 threads: 1.43 -> 1.30 ms; 20M:
+  10.37 -> 10.06 ms).
 * :func:`factors` -- the factored second moments' EMA and the square roots of their normalised factors, for a
   whole bucket in one call; and StableAdamW's divisors without the RMS pass. Where the update takes each tensor's
   RMS pass right before its update (one process), the statistics pass also sums, per column, g^2 times three powers
@@ -87,6 +90,7 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -891,25 +895,37 @@ static inline void update_row(const T* __restrict g, T* __restrict y, T* __restr
   }
 }
 
-// The rows of a tensor; with zs, z's new sampled values too (start >= 0); with STORE 2 the noise of flat element
+// Rows [b, e) of a tensor; with zs, z's new sampled values too (start >= 0); with STORE 2 the noise of flat element
 // f of the y (z) stream is table[(start_y (start_z) + f) % table_size] (the table is stored twice in a row, so a
 // row's noise is one slice).
+template <typename T, int STORE, bool STABLE, int DECAY, bool ATAN2, bool FULL>
+static void update_row_range(const T* g, T* y, T* z, T* v, const float* a, const float* c, int64_t b, int64_t e,
+                             int64_t cols, const float* k, float scale, int64_t start, T* zs, const int32_t* table,
+                             int64_t table_size, int64_t start_y, int64_t start_z) {
+  for (int64_t i = b; i < e; ++i) {
+    const int64_t first = i * cols;
+    const int32_t* ny = STORE == 2 ? table + (start_y + first) % table_size : nullptr;
+    const int32_t* nz = STORE == 2 ? table + (start_z + first) % table_size : nullptr;
+    update_row<T, STORE, STABLE, DECAY, ATAN2, FULL>(g + first, y + first, z + first, FULL ? v + first : nullptr,
+                                                     c, cols, FULL ? 0.f : a[i], k, scale, ny, nz);
+    if (zs == nullptr) continue;
+    const int64_t q0 = first_sample(first, start);  // (z's row is in cache)
+    T* __restrict out = zs + (q0 - start) / 11;
+    for (int64_t q = q0 - first; q < cols; q += 11) *out++ = z[first + q];
+  }
+}
+
+// Rows per share of an update pass's parallel work (~16K elements).
+static inline int64_t update_grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, cols)); }
+
+// All the rows of a tensor, split among the threads.
 template <typename T, int STORE, bool STABLE, int DECAY, bool ATAN2, bool FULL>
 static void update_rows(const T* g, T* y, T* z, T* v, const float* a, const float* c, int64_t rows, int64_t cols,
                         const float* k, float scale, int64_t start, T* zs, const int32_t* table, int64_t table_size,
                         int64_t start_y, int64_t start_z) {
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, cols)), [=](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const int64_t first = i * cols;
-      const int32_t* ny = STORE == 2 ? table + (start_y + first) % table_size : nullptr;
-      const int32_t* nz = STORE == 2 ? table + (start_z + first) % table_size : nullptr;
-      update_row<T, STORE, STABLE, DECAY, ATAN2, FULL>(g + first, y + first, z + first, FULL ? v + first : nullptr,
-                                                       c, cols, FULL ? 0.f : a[i], k, scale, ny, nz);
-      if (zs == nullptr) continue;
-      const int64_t q0 = first_sample(first, start);  // (z's row is in cache)
-      T* __restrict out = zs + (q0 - start) / 11;
-      for (int64_t q = q0 - first; q < cols; q += 11) *out++ = z[first + q];
-    }
+  at::parallel_for(0, rows, update_grain(cols), [=](int64_t b, int64_t e) {
+    update_row_range<T, STORE, STABLE, DECAY, ATAN2, FULL>(g, y, z, v, a, c, b, e, cols, k, scale, start, zs, table,
+                                                           table_size, start_y, start_z);
   });
 }
 
@@ -1034,13 +1050,14 @@ bool update_sf(torch::Tensor g, torch::Tensor y, torch::Tensor z, c10::optional<
   return true;
 }
 
-// update_sf for several tensors of a bucket in one call, tensor after tensor (each pass over all threads): the
-// Python-level work of a call per tensor costs more, from a cold cache, than the arithmetic of a small matrix. The
-// factored ones with their factors as, cs (vs empty), or (as, cs empty) those with the full second moment vs. With
-// rms_each (one process) each tensor's StableAdamW divisor comes from scales (one per tensor) where that is finite,
-// else from its RMS pass right before its update (so the update reads g from cache), computed as rms_factored (or
-// rms_full_sf, which writes v) does; without rms_each from scales or none. Returns false (nothing written) unless
-// every tensor is the kernel's.
+// update_sf for several tensors of a bucket in one call: the Python-level work of a call per tensor costs more, from
+// a cold cache, than the arithmetic of a small matrix. The factored ones with their factors as, cs (vs empty), or
+// (as, cs empty) those with the full second moment vs. With rms_each (one process) each tensor's StableAdamW divisor
+// comes from scales (one per tensor) where that is finite, else from its RMS pass right before its update (so the
+// update reads g from cache), computed as rms_factored (or rms_full_sf, which writes v) does; without rms_each from
+// scales or none. Where a tensor takes its RMS pass, tensor after tensor (each pass over all threads); else the rows
+// of all the tensors split among the threads at once. Returns false (nothing written) unless every tensor is the
+// kernel's.
 bool update_sf_many(std::vector<torch::Tensor> gs, std::vector<torch::Tensor> ys, std::vector<torch::Tensor> zs,
                     std::vector<torch::Tensor> as, std::vector<torch::Tensor> cs, std::vector<torch::Tensor> vs,
                     torch::Tensor k, c10::optional<torch::Tensor> scales, bool rms_each, double d, double eps_term,
@@ -1077,15 +1094,45 @@ bool update_sf_many(std::vector<torch::Tensor> gs, std::vector<torch::Tensor> ys
   const int64_t table_size = table.has_value() ? table->numel() / 2 : 0;
   const float* kp = k.data_ptr<float>();
   const bool stable = rms_each || scales.has_value();
+  if (table_ptr != nullptr)
+    for (size_t i = 0; i < n; ++i)
+      TORCH_CHECK(start_y[i] >= 0 && start_z[i] >= 0 && start_y[i] < table_size && start_z[i] < table_size,
+                  "table starts: in the table");
+  bool rms_needed = false;  // a tensor's divisor from its RMS pass
+  for (size_t i = 0; i < n && rms_each && !rms_needed; ++i)
+    rms_needed = !(scales.has_value() && std::isfinite(scales->data_ptr<float>()[i]));
+  if (!rms_needed) {
+    // Every divisor known: the tensors' rows in shares of update_grain rows, all in one parallel region (a region per
+    // tensor left threads idle on small matrices: each waits for the slowest share of every tensor).
+    std::vector<std::array<int64_t, 3>> shares;  // (tensor, first row, end row)
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t rows = gs[i].size(0), grain = update_grain(gs[i].size(1));
+      for (int64_t r = 0; r < rows; r += grain) shares.push_back({int64_t(i), r, std::min(rows, r + grain)});
+    }
+    with_update_variant(dtype, table_ptr != nullptr, stable, decay, atan2, full, [&](auto variant) {
+      using V = decltype(variant);
+      using T = typename V::T;
+      at::parallel_for(0, int64_t(shares.size()), 1, [&](int64_t begin, int64_t end) {
+        for (int64_t w = begin; w < end; ++w) {
+          const size_t i = size_t(shares[w][0]);
+          update_row_range<T, V::STORE, V::STABLE, V::DECAY, V::ATAN2, V::FULL>(
+              static_cast<const T*>(gs[i].data_ptr()), static_cast<T*>(ys[i].data_ptr()),
+              static_cast<T*>(zs[i].data_ptr()), full ? static_cast<T*>(vs[i].data_ptr()) : nullptr,
+              full ? nullptr : as[i].data_ptr<float>(), full ? nullptr : cs[i].data_ptr<float>(), shares[w][1],
+              shares[w][2], gs[i].size(1), kp, scales.has_value() ? scales->data_ptr<float>()[i] : 1.f, starts[i],
+              starts[i] >= 0 ? static_cast<T*>(samples_out[i]->data_ptr()) : nullptr, table_ptr, table_size,
+              table_ptr != nullptr ? start_y[i] : 0, table_ptr != nullptr ? start_z[i] : 0);
+        }
+      });
+    });
+    return true;
+  }
   for (size_t i = 0; i < n; ++i) {
     const torch::Tensor& g = gs[i];
     const int64_t rows = g.size(0), cols = g.size(1);
     const float* ap = full ? nullptr : as[i].data_ptr<float>();
     const float* cp = full ? nullptr : cs[i].data_ptr<float>();
     void* vp = full ? vs[i].data_ptr() : nullptr;
-    if (table_ptr != nullptr)
-      TORCH_CHECK(start_y[i] >= 0 && start_z[i] >= 0 && start_y[i] < table_size && start_z[i] < table_size,
-                  "table starts: in the table");
     float scale = scales.has_value() ? scales->data_ptr<float>()[i] : 1.f;
     if (rms_each && !(scales.has_value() && std::isfinite(scale))) {
       double total;
@@ -1590,7 +1637,7 @@ def _load():
                 logger.info("loading the native CPU kernels (%s); the first use on a machine builds them, ~20 s (if "
                             "this waits much longer, a build killed midway left a 'lock' file in torch's extension "
                             "cache, $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions: delete it)", isa)
-                _module = load_inline(name=f"prodigy_dist_native_v42_{isa.lower() if flags else 'base'}",
+                _module = load_inline(name=f"prodigy_dist_native_v43_{isa.lower() if flags else 'base'}",
                                       cpp_sources=[_SOURCE],
                                       functions=["statistics", "statistics_many", "rms_factored", "stochastic_round_",
                                                  "update_sf", "atan2_fast_", "factors_",
@@ -1824,8 +1871,8 @@ def update_sf_factored_many(gs: list[torch.Tensor], ys: list[torch.Tensor], zs: 
                             scales: torch.Tensor | None, rms: tuple[float, float, list[int]] | None, decay: str,
                             samples: list[tuple[int, torch.Tensor | None]], atan2: bool = False,
                             noise: tuple[torch.Tensor, list[int], list[int]] | None = None) -> bool:
-    """:func:`update_sf_factored` for several factored tensors in one call, tensor after tensor (each pass over all
-    threads). StableAdamW: ``scales`` (one divisor per tensor), or ``rms = (d, d * eps, global element counts)``:
+    """:func:`update_sf_factored` for several factored tensors in one call (the rows of all of them split among the
+    threads at once, or where a tensor takes its RMS pass tensor after tensor). StableAdamW: ``scales`` (one divisor per tensor), or ``rms = (d, d * eps, global element counts)``:
     each tensor's divisor from its :func:`rms_factored` pass right before its update (which then reads g from
     cache), except where ``scales`` (given too) holds a finite divisor; neither: none. ``samples``: per tensor
     (start, out), start -1 for none; ``noise``: (table, starts of the y stream, starts of the z stream) per tensor.

@@ -526,11 +526,12 @@ def _update_tensors(dtype: torch.dtype, seed: int, shapes: list) -> tuple:
     return gs, ys, zs, gen
 
 
-@pytest.mark.parametrize("mode", ["rms_each", "rms_each_where_no_scale", "scales", "none", "atan2", "bf16_sr",
-                                  "bf16_rne"])
+@pytest.mark.parametrize("mode", ["rms_each", "rms_each_where_no_scale", "rms_each_all_scales", "scales", "none",
+                                  "atan2", "bf16_sr", "bf16_sr_all_scales", "bf16_rne"])
 def test_update_many_matches_the_single_tensor_kernels(mode):
     """update_sf_factored_many against rms_factored and update_sf_factored tensor by tensor: the same y, z and
-    compact sample bits (rms_each_where_no_scale: the RMS pass only for the tensors whose given divisor is NaN)."""
+    compact sample bits (rms_each_where_no_scale: the RMS pass only for the tensors whose given divisor is NaN, one
+    tensor after another; with every divisor given, as without rms, all tensors' rows in one parallel region)."""
     from prodigy_dist import rounding
     dtype = torch.bfloat16 if mode.startswith("bf16") else torch.float32
     shapes = [(33, 70), (1, 5), (128, 3), (64, 2000)]
@@ -543,9 +544,11 @@ def test_update_many_matches_the_single_tensor_kernels(mode):
     outs = [torch.empty((g.numel() - st + 10) // 11, dtype=dtype) if st >= 0 else None for g, st in zip(gs, starts)]
     table = rounding.doubled_table(torch.device("cpu"), 0)
     streams = [rounding.table_starts(3, 0, key=i) for i in range(len(shapes))]
-    noise = (table, [y for y, _ in streams], [z for _, z in streams]) if mode == "bf16_sr" else None
+    noise = (table, [y for y, _ in streams], [z for _, z in streams]) if mode.startswith("bf16_sr") else None
     scales = {"scales": torch.tensor([1.0, 1.5, 2.0, 1.2]),
-              "rms_each_where_no_scale": torch.tensor([1.5, math.nan, 2.0, math.nan])}.get(mode)
+              "rms_each_where_no_scale": torch.tensor([1.5, math.nan, 2.0, math.nan]),
+              "rms_each_all_scales": torch.tensor([1.5, 1.1, 2.0, 1.3]),
+              "bf16_sr_all_scales": torch.tensor([1.5, 1.1, 2.0, 1.3])}.get(mode)
     rms = (d, eps_term, [g.numel() for g in gs]) if mode.startswith(("rms_each", "bf16")) else None
     atan2 = mode == "atan2"
     y1, z1 = [y.clone() for y in ys], [z.clone() for z in zs]
