@@ -1872,11 +1872,12 @@ def update_sf_factored_many(gs: list[torch.Tensor], ys: list[torch.Tensor], zs: 
                             samples: list[tuple[int, torch.Tensor | None]], atan2: bool = False,
                             noise: tuple[torch.Tensor, list[int], list[int]] | None = None) -> bool:
     """:func:`update_sf_factored` for several factored tensors in one call (the rows of all of them split among the
-    threads at once, or where a tensor takes its RMS pass tensor after tensor). StableAdamW: ``scales`` (one divisor per tensor), or ``rms = (d, d * eps, global element counts)``:
-    each tensor's divisor from its :func:`rms_factored` pass right before its update (which then reads g from
-    cache), except where ``scales`` (given too) holds a finite divisor; neither: none. ``samples``: per tensor
-    (start, out), start -1 for none; ``noise``: (table, starts of the y stream, starts of the z stream) per tensor.
-    False (nothing written) unless the kernel takes every tensor or when the kernels could not be built."""
+    threads at once, or where a tensor takes its RMS pass tensor after tensor). StableAdamW: ``scales`` (one divisor
+    per tensor), or ``rms = (d, d * eps, global element counts)``: each tensor's divisor from its
+    :func:`rms_factored` pass right before its update (which then reads g from cache), except where ``scales``
+    (given too) holds a finite divisor; neither: none. ``samples``: per tensor (start, out), start -1 for none;
+    ``noise``: (table, starts of the y stream, starts of the z stream) per tensor. False (nothing written) unless the
+    kernel takes every tensor or when the kernels could not be built."""
     module = _update_module(decay)
     if module is None:
         return False
