@@ -1190,63 +1190,49 @@ bool update_sf_many(std::vector<torch::Tensor> gs, std::vector<torch::Tensor> ys
   bool rms_needed = false;  // a tensor's divisor from its RMS pass
   for (size_t i = 0; i < n && rms_each && !rms_needed; ++i)
     rms_needed = !(scales.has_value() && std::isfinite(scales->data_ptr<float>()[i]));
-  if (!rms_needed) {
-    // Every divisor known: the tensors' rows in shares of update_grain rows, all in one parallel region (a region per
-    // tensor left threads idle on small matrices: each waits for the slowest share of every tensor).
-    std::vector<std::array<int64_t, 3>> shares;  // (tensor, first row, end row)
-    for (size_t i = 0; i < n; ++i) {
-      const int64_t rows = gs[i].size(0), grain = update_grain(gs[i].size(1));
-      for (int64_t r = 0; r < rows; r += grain) shares.push_back({int64_t(i), r, std::min(rows, r + grain)});
-    }
-    with_update_variant(dtype, table_ptr != nullptr, stable, decay, atan2, full, [&](auto variant) {
-      using V = decltype(variant);
-      using T = typename V::T;
+  with_update_variant(dtype, table_ptr != nullptr, stable, decay, atan2, full, [&](auto variant) {
+    using V = decltype(variant);
+    using T = typename V::T;
+    // rows [b, e) of tensor i, with its StableAdamW divisor
+    const auto rows_of = [&](size_t i, int64_t b, int64_t e, float scale) {
+      update_row_range<T, V::STORE, V::STABLE, V::DECAY, V::ATAN2, V::FULL>(
+          static_cast<const T*>(gs[i].data_ptr()), static_cast<T*>(ys[i].data_ptr()),
+          static_cast<T*>(zs[i].data_ptr()), full ? static_cast<T*>(vs[i].data_ptr()) : nullptr,
+          full ? nullptr : as[i].data_ptr<float>(), full ? nullptr : cs[i].data_ptr<float>(), b, e, gs[i].size(1), kp,
+          scale, starts[i], starts[i] >= 0 ? static_cast<T*>(samples_out[i]->data_ptr()) : nullptr, table_ptr,
+          table_size, table_ptr != nullptr ? start_y[i] : 0, table_ptr != nullptr ? start_z[i] : 0);
+    };
+    const auto given = [&](size_t i) { return scales.has_value() ? scales->data_ptr<float>()[i] : 1.f; };
+    if (!rms_needed) {
+      // Every divisor known: the tensors' rows in shares of update_grain rows, all in one parallel region (a region
+      // per tensor left threads idle on small matrices: each waits for the slowest share of every tensor).
+      std::vector<std::array<int64_t, 3>> shares;  // (tensor, first row, end row)
+      for (size_t i = 0; i < n; ++i) {
+        const int64_t rows = gs[i].size(0), grain = update_grain(gs[i].size(1));
+        for (int64_t r = 0; r < rows; r += grain) shares.push_back({int64_t(i), r, std::min(rows, r + grain)});
+      }
       at::parallel_for(0, int64_t(shares.size()), 1, [&](int64_t begin, int64_t end) {
         for (int64_t w = begin; w < end; ++w) {
           const size_t i = size_t(shares[w][0]);
-          update_row_range<T, V::STORE, V::STABLE, V::DECAY, V::ATAN2, V::FULL>(
-              static_cast<const T*>(gs[i].data_ptr()), static_cast<T*>(ys[i].data_ptr()),
-              static_cast<T*>(zs[i].data_ptr()), full ? static_cast<T*>(vs[i].data_ptr()) : nullptr,
-              full ? nullptr : as[i].data_ptr<float>(), full ? nullptr : cs[i].data_ptr<float>(), shares[w][1],
-              shares[w][2], gs[i].size(1), kp, scales.has_value() ? scales->data_ptr<float>()[i] : 1.f, starts[i],
-              starts[i] >= 0 ? static_cast<T*>(samples_out[i]->data_ptr()) : nullptr, table_ptr, table_size,
-              table_ptr != nullptr ? start_y[i] : 0, table_ptr != nullptr ? start_z[i] : 0);
+          rows_of(i, shares[w][1], shares[w][2], given(i));
         }
       });
-    });
-    return true;
-  }
-  for (size_t i = 0; i < n; ++i) {
-    const torch::Tensor& g = gs[i];
-    const int64_t rows = g.size(0), cols = g.size(1);
-    const float* ap = full ? nullptr : as[i].data_ptr<float>();
-    const float* cp = full ? nullptr : cs[i].data_ptr<float>();
-    void* vp = full ? vs[i].data_ptr() : nullptr;
-    float scale = scales.has_value() ? scales->data_ptr<float>()[i] : 1.f;
-    if (rms_each && !(scales.has_value() && std::isfinite(scale))) {
-      double total;
-      if (full)
-        total = dtype == torch::kFloat ?
-            rms_full_elements<float>(g.data_ptr<float>(), static_cast<float*>(vp), g.numel(), kp) :
-            rms_full_elements<uint16_t>(reinterpret_cast<const uint16_t*>(g.data_ptr()), static_cast<uint16_t*>(vp),
-                                        g.numel(), kp);
-      else
-        total = dtype == torch::kFloat ?
-            rms_rows<float>(g.data_ptr<float>(), ap, cp, rows, cols, float(d), float(eps_term)) :
-            rms_rows<uint16_t>(reinterpret_cast<const uint16_t*>(g.data_ptr()), ap, cp, rows, cols, float(d),
-                               float(eps_term));
-      scale = sum_or_divisor(total, numels[i], g.options().dtype(torch::kFloat)).data_ptr<float>()[0];
+      return;
     }
-    void* out = starts[i] >= 0 ? samples_out[i]->data_ptr() : nullptr;
-    with_update_variant(dtype, table_ptr != nullptr, stable, decay, atan2, full, [&](auto variant) {
-      using V = decltype(variant);
-      using T = typename V::T;
-      update_rows<T, V::STORE, V::STABLE, V::DECAY, V::ATAN2, V::FULL>(
-          static_cast<const T*>(g.data_ptr()), static_cast<T*>(ys[i].data_ptr()), static_cast<T*>(zs[i].data_ptr()),
-          static_cast<T*>(vp), ap, cp, rows, cols, kp, scale, starts[i], static_cast<T*>(out), table_ptr,
-          table_size, table_ptr != nullptr ? start_y[i] : 0, table_ptr != nullptr ? start_z[i] : 0);
-    });
-  }
+    for (size_t i = 0; i < n; ++i) {
+      const torch::Tensor& g = gs[i];
+      const int64_t rows = g.size(0), cols = g.size(1);
+      float scale = given(i);
+      if (rms_each && !(scales.has_value() && std::isfinite(scale))) {
+        const T* gp = static_cast<const T*>(g.data_ptr());
+        const double total = full ? rms_full_elements<T>(gp, static_cast<T*>(vs[i].data_ptr()), g.numel(), kp) :
+            rms_rows<T>(gp, as[i].data_ptr<float>(), cs[i].data_ptr<float>(), rows, cols, float(d), float(eps_term));
+        scale = sum_or_divisor(total, numels[i], g.options().dtype(torch::kFloat)).data_ptr<float>()[0];
+      }
+      // (tensor after tensor: the update reads g from cache, right after the RMS pass)
+      at::parallel_for(0, rows, update_grain(cols), [&](int64_t b, int64_t e) { rows_of(i, b, e, scale); });
+    }
+  });
   return true;
 }
 
@@ -1726,7 +1712,7 @@ def _load():
                 logger.info("loading the native CPU kernels (%s); the first use on a machine builds them, ~20 s (if "
                             "this waits much longer, a build killed midway left a 'lock' file in torch's extension "
                             "cache, $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions: delete it)", isa)
-                _module = load_inline(name=f"prodigy_dist_native_v44_{isa.lower() if flags else 'base'}",
+                _module = load_inline(name=f"prodigy_dist_native_v45_{isa.lower() if flags else 'base'}",
                                       cpp_sources=[_SOURCE],
                                       functions=["statistics", "statistics_many", "rms_factored", "stochastic_round_",
                                                  "update_sf", "atan2_fast_", "factors_",
