@@ -2,16 +2,17 @@
 
 * :func:`statistics` -- the factored statistics: the row and the column sums of g^2 in one streaming pass.
   Inductor always emits the row reduction and the column reduction of a 2-D tensor as two loops over it (the
-  fast-path issue records the formulations tried). Rows are split among threads in blocks; each block's row sums
-  are finished at once and their squares added to the thread's own column accumulator (with AVX-512 one row per
-  sweep, a single stream through memory: four rows side by side ran at half of g.sum()'s bandwidth from memory on
-  rows of 384-768 elements, GPT-2 124M's step 91.6 -> 86.7 ms; elsewhere four rows per sweep); the accumulators
-  are added at the end. After each block, the same pass computes the block's Prodigy statistics on
-  its sampled elements (every 11th of the global flattening): dot(g, p0 - x) with g still in cache and x (z or
-  the parameter) in one strided walk, and the new ``s`` with sum |s|, or SPEED's sums. With AVX-512 the walk takes
-  sixteen samples from eleven contiguous vector loads and six permutes (a gather per sixteen samples cost as much
-  again as the walk's memory reads: 25.5 -> 22.2 ms for the fp32 matrices of GPT-2 124M, 2 threads). The
-  compiled alternative, a separate kernel over strided views, reads g and x again.
+  fast-path issue records the formulations tried). Rows are split into shares fixed by the shape (whole blocks
+  of 96 KB, at least 128 rows and 256 KB); each block's row sums are finished at once and their squares added to
+  the share's own column accumulator (with AVX-512 one row per sweep, a single stream through memory: four rows
+  side by side ran at half of g.sum()'s bandwidth from memory on rows of 384-768 elements, GPT-2 124M's step
+  91.6 -> 86.7 ms; elsewhere four rows per sweep); the shares' accumulators are added in share order at the end,
+  so the results do not depend on the number of threads. After each block, the same pass computes the block's
+  Prodigy statistics on its sampled elements (every 11th of the global flattening): dot(g, p0 - x) with g still
+  in cache and x (z or the parameter) in one strided walk, and the new ``s`` with sum |s|, or SPEED's sums. With
+  AVX-512 the walk takes sixteen samples from eleven contiguous vector loads and six permutes (a gather per sixteen
+  samples cost as much again as the walk's memory reads: 25.5 -> 22.2 ms for the fp32 matrices of GPT-2 124M, 2
+  threads). The compiled alternative, a separate kernel over strided views, reads g and x again.
 * :func:`stochastic_round_` -- the stochastic rounding of the bf16 update's results (fp32 bits plus noise,
   truncated) where the update pass is compiled (Prodigy mode). Inductor's CPU code scalarises the bit casts it
   needs, which made the bf16 update pass five times slower than the same pass rounding to
@@ -41,8 +42,9 @@
   small tensors (a bucket's norm weights and biases) in one call each, every tensor a single row, whole on one
   thread, the threads splitting the list; :func:`statistics_many`, :func:`update_sf_factored_many`,
   :func:`update_sf_full_many` and (Prodigy mode) :func:`update_prodigy_factored_many` -- the statistics pass and the
-  update of a bucket's matrices in one call each, tensor after tensor, with each one's RMS pass right before its
-  update on one process (the Python work and the call per tensor cost, from a cold cache, more than the arithmetic
+  update of a bucket's matrices in one call each (the statistics of all their shares in one parallel region: 20M,
+  2 threads, that pass 0.92-0.94 of its time, 1.9M 0.85-0.87), with each one's RMS pass right before its update on
+  one process (the Python work and the call per tensor cost, from a cold cache, more than the arithmetic
   of a small matrix: 20M-parameter GPT, 2 threads, the step 24.5 -> 23.4 ms with the compact samples' writes
   without a division each, 23.6 -> 21.5 ms with the statistics in one call too; Prodigy mode, whose update was
   compiled, 33.0 -> 26.0 ms; ``factored=False`` 32.7 -> 30.3 ms). Where no tensor needs its RMS pass, the
@@ -63,9 +65,9 @@ False from the Python functions: the caller uses its other kernels); the same ch
 microseconds per call, more than the arithmetic of a small tensor. The statistics pass prefetches each row's data
 8 KB ahead in software (20M-parameter GPT, 2 threads, from a cold cache: that pass 2.6 -> 2.15 ms).
 
-Row sums accumulate in fp32 per row and column sums in fp32 per thread, with explicit fused multiply-adds (on one
+Row sums accumulate in fp32 per row and column sums in fp32 per share, with explicit fused multiply-adds (on one
 core that pass was bound by its arithmetic: wte of GPT-2 124M, 1 thread, 7.7 -> 6.3 ms; g.sum() 4.4 ms); the
-Prodigy sums in fp32 per block of rows and in double across blocks and threads; the RMS sum in fp32 per row and in
+Prodigy sums in fp32 per block of rows and in double across blocks and shares; the RMS sum in fp32 per row and in
 double across rows. Elsewhere the elementwise roundings are those of the compiled kernels (``-ffp-contract=off``:
 no implicit fused multiply-adds), so the new ``s`` is bit-identical to the compiled kernel's. The kernels are
 built with ``torch.utils.cpp_extension`` on first use, with the vector instructions of the CPU capability torch
@@ -94,6 +96,7 @@ _SOURCE = r"""
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -544,89 +547,149 @@ static inline void rows_expand16(const T* __restrict g, int64_t r0, int64_t r1, 
 // one long strided walk that the hardware prefetcher follows; short walks per row each pay the prefetcher's ramp-up).
 static constexpr int64_t kBlockBytes = 96 * 1024;
 
-template <typename T>
-static void row_col(const T* g, int64_t rows, int64_t cols, float* row_out, float* partial, const Sample* S,
-                    double* sums, const Expansion* E, float* expand_partial, float* expand_min) {
-  const int64_t block = std::max<int64_t>(4, (kBlockBytes / std::max<int64_t>(1, cols * int64_t(sizeof(T)))) / 4 * 4);
-  at::parallel_for(0, (rows + block - 1) / block, 1, [=](int64_t begin, int64_t end) {
-    const int tid = at::get_thread_num();
-    float* acc = partial + tid * cols;
-    double local[3] = {0.0, 0.0, 0.0};
-    const T* x = S == nullptr ? nullptr : static_cast<const T*>(S->data);
-#ifdef PRODIGY_DIST_SAMPLES16
-    std::vector<float> weights(E != nullptr ? 3 * block : 0);
-#endif
-    for (int64_t b0 = begin * block; b0 < std::min(end * block, rows); b0 += block) {
-      const int64_t b1 = std::min(b0 + block, rows);
-      int64_t i = b0;
-#ifdef PRODIGY_DIST_SAMPLES16
-      // (with the expansion its sweep over the block adds the column sums, four rows per read of acc)
-      for (; i < b1; ++i) {
-        prefetch_ahead(g + i * cols, cols * int64_t(sizeof(T)));
-        row_out[i] = E != nullptr ? row_squares16<T, false>(g + i * cols, acc, cols)
-                                  : row_squares16<T, true>(g + i * cols, acc, cols);
-      }
-      constexpr bool expand_cols = true;
-#else
-      constexpr bool expand_cols = false;
-#endif
-      for (; i + 4 <= b1; i += 4)
-        rows4_squares(g + i * cols, g + (i + 1) * cols, g + (i + 2) * cols, g + (i + 3) * cols, acc, cols,
-                      row_out + i);
-      for (; i < b1; ++i) row_out[i] = row_squares(g + i * cols, acc, cols);
-      if (E != nullptr) {  // the block's rows again, from cache
-#ifdef PRODIGY_DIST_SAMPLES16
-        rows_expand16<T>(g, b0, b1, cols, row_out, *E, expand_partial + tid * 3 * cols, expand_min + tid, acc,
-                         weights.data());
-#else
-        rows_expand<T, expand_cols>(g, b0, b1, cols, row_out, *E, expand_partial + tid * 3 * cols, expand_min + tid,
-                                    acc);
-#endif
-      }
-      if (S != nullptr && S->compact != nullptr)
-        row_samples<T, true>(g + b0 * cols, x + b0 * cols, b0 * cols, (b1 - b0) * cols, *S, local);
-      else if (S != nullptr)
-        row_samples<T, false>(g + b0 * cols, x + b0 * cols, b0 * cols, (b1 - b0) * cols, *S, local);
-    }
-    for (int j = 0; j < 3; ++j) sums[tid * 3 + j] += local[j];
-  });
+// One tensor's statistics pass in a call over several (statistics_many; statistics is a call over one): its input,
+// its outputs, and where its shares of the work and their partial sums lie.
+struct PassJob {
+  const void* g;
+  int64_t rows, cols;
+  const Sample* sp;  // (null: no Prodigy statistics)
+  const Expansion* ep;  // (null: no expansion)
+  float* row_out;  // rows
+  float* col_out;  // cols
+  float* sums_out;  // 3: the Prodigy sums
+  float* expand_out;  // 4 x cols with ep: the accumulators, then the least f in the first element of the fourth row
+  float* gsq;  // (null: not wanted) the sum of g^2, the row sums added in double
+  int64_t block, share_rows, first_share, shares, part;  // part: its partials' offset in the call's buffer
+};
+
+// A tensor's shares: rows [k share_rows, (k + 1) share_rows), whole blocks of at least 128 rows and kShareBytes, at
+// most kMaxShares of them. Each share sums its column sums (and the expansion's accumulators) from zero into a
+// partial of its own, and the partials are added in share order: the results depend on the shape alone, neither on
+// the number of threads nor on which thread took which share, so a tensor's statistics are the same bits alone
+// (statistics) and among others (statistics_many), whose shares of every tensor are split among the threads in one
+// parallel region (a region per tensor left threads idle: a 128x128 matrix is one share). The partials cost at most
+// 4/128 of the tensor's size.
+static constexpr int64_t kShareBytes = 256 * 1024, kMaxShares = 64, kShareMinRows = 128;
+
+static inline int64_t block_rows(int64_t cols, int64_t elem) {
+  return std::max<int64_t>(4, (kBlockBytes / std::max<int64_t>(1, cols * elem)) / 4 * 4);
 }
 
-// One tensor's statistics pass into its outputs: row_out (rows), col_out (cols), sums_out (3: the Prodigy sums, in
-// thread order), expand_out (4 x cols, with ep) and, with gsq, the sum of g^2 (the row sums added in double).
+static inline int64_t share_rows(int64_t rows, int64_t cols, int64_t elem, int64_t block) {
+  const int64_t block_bytes = block * std::max<int64_t>(1, cols * elem), blocks = (rows + block - 1) / block;
+  const int64_t per_share = std::max({(kShareMinRows + block - 1) / block,
+                                      (kShareBytes + block_bytes - 1) / block_bytes,
+                                      (blocks + kMaxShares - 1) / kMaxShares, int64_t(1)});
+  return per_share * block;
+}
+
+// Rows [r0, r1) of a tensor (a share: whole blocks, but for the tensor's last): the row sums into row_out, the column
+// sums added to acc, the expansion's accumulators to e (3 x cols) and its least f to *f_min, the Prodigy sums to
+// local[0..2]. w: scratch for 3 x block weights.
 template <typename T>
-static void statistics_into(const T* g, int64_t rows, int64_t cols, const Sample* sp, const Expansion* ep,
-                            float* row_out, float* col_out, float* sums_out, float* expand_out, float* gsq) {
-  const int64_t threads = at::get_num_threads();
-  std::vector<float> partial(threads * cols, 0.f);
-  std::vector<double> sums(threads * 3, 0.0);
-  // (the expansion's accumulators: three rows of cols, then the least f in the first element of a fourth row)
-  std::vector<float> expand_partial, expand_min;
-  if (ep != nullptr) {
-    expand_partial.assign(threads * 3 * cols, 0.f);
-    expand_min.assign(threads, std::numeric_limits<float>::infinity());
+static void share_pass(const PassJob& J, int64_t r0, int64_t r1, float* acc, float* e, float* f_min, double* local,
+                       float* w) {
+  const T* g = static_cast<const T*>(J.g);
+  const int64_t cols = J.cols, block = J.block;
+  const Sample* S = J.sp;
+  const Expansion* E = J.ep;
+  float* row_out = J.row_out;
+  const T* x = S == nullptr ? nullptr : static_cast<const T*>(S->data);
+  for (int64_t b0 = r0; b0 < r1; b0 += block) {
+    const int64_t b1 = std::min(b0 + block, r1);
+    int64_t i = b0;
+#ifdef PRODIGY_DIST_SAMPLES16
+    // (with the expansion its sweep over the block adds the column sums, four rows per read of acc)
+    for (; i < b1; ++i) {
+      prefetch_ahead(g + i * cols, cols * int64_t(sizeof(T)));
+      row_out[i] = E != nullptr ? row_squares16<T, false>(g + i * cols, acc, cols)
+                                : row_squares16<T, true>(g + i * cols, acc, cols);
+    }
+#endif
+    for (; i + 4 <= b1; i += 4)
+      rows4_squares(g + i * cols, g + (i + 1) * cols, g + (i + 2) * cols, g + (i + 3) * cols, acc, cols, row_out + i);
+    for (; i < b1; ++i) row_out[i] = row_squares(g + i * cols, acc, cols);
+    if (E != nullptr) {  // the block's rows again, from cache
+#ifdef PRODIGY_DIST_SAMPLES16
+      rows_expand16<T>(g, b0, b1, cols, row_out, *E, e, f_min, acc, w);
+#else
+      rows_expand<T, false>(g, b0, b1, cols, row_out, *E, e, f_min, acc);
+#endif
+    }
+    if (S != nullptr && S->compact != nullptr)
+      row_samples<T, true>(g + b0 * cols, x + b0 * cols, b0 * cols, (b1 - b0) * cols, *S, local);
+    else if (S != nullptr)
+      row_samples<T, false>(g + b0 * cols, x + b0 * cols, b0 * cols, (b1 - b0) * cols, *S, local);
   }
-  row_col<T>(g, rows, cols, row_out, partial.data(), sp, sums.data(), ep, expand_partial.data(), expand_min.data());
-  if (ep != nullptr) {  // the threads' accumulators, added in thread order
-    for (int64_t j = 0; j < 4 * cols; ++j) expand_out[j] = 0.f;
-    for (int64_t t = 0; t < threads; ++t)
-      for (int64_t j = 0; j < 3 * cols; ++j) expand_out[j] += expand_partial[t * 3 * cols + j];
-    expand_out[3 * cols] = *std::min_element(expand_min.begin(), expand_min.end());
+}
+
+// The statistics passes of jobs (one dtype T): every tensor's shares, split among the threads by bytes in one
+// parallel region, then each tensor's partials added in share order.
+template <typename T>
+static void run_passes(std::vector<PassJob>& jobs) {
+  const int64_t elem = sizeof(T);
+  std::vector<std::array<int64_t, 3>> shares;  // (job, first row, end row)
+  std::vector<int64_t> share_start;  // bytes of g before the share, over the call
+  int64_t bytes = 0, part_floats = 0, max_block = 0;
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    PassJob& J = jobs[j];
+    J.block = block_rows(J.cols, elem);
+    J.share_rows = share_rows(J.rows, J.cols, elem, J.block);
+    J.first_share = int64_t(shares.size());
+    for (int64_t r = 0; r < J.rows; r += J.share_rows) {
+      shares.push_back({int64_t(j), r, std::min(J.rows, r + J.share_rows)});
+      share_start.push_back(bytes);
+      bytes += std::max<int64_t>(1, (shares.back()[2] - r) * J.cols * elem);  // (a share of no bytes: one)
+    }
+    J.shares = int64_t(shares.size()) - J.first_share;
+    J.part = part_floats;
+    part_floats += J.shares * (J.ep != nullptr ? 4 : 1) * J.cols;
+    if (J.ep != nullptr) max_block = std::max(max_block, J.block);
   }
-  // the threads' column sums and Prodigy sums, added in thread order
-  for (int64_t j = 0; j < cols; ++j) col_out[j] = 0.f;
-  for (int64_t t = 0; t < threads; ++t)
-    for (int64_t j = 0; j < cols; ++j) col_out[j] += partial[t * cols + j];
-  for (int j = 0; j < 3; ++j) {
-    double total = 0.0;
-    for (int64_t t = 0; t < threads; ++t) total += sums[t * 3 + j];
-    sums_out[j] = float(total);
-  }
-  if (gsq != nullptr) {
-    double total = 0.0;
-    for (int64_t i = 0; i < rows; ++i) total += row_out[i];
-    *gsq = float(total);
-  }
+  // per share: its column sums (cols), then with the expansion its accumulators (3 x cols); its least f; its sums
+  std::unique_ptr<float[]> parts(new float[std::max<int64_t>(1, part_floats)]);
+  std::vector<float> f_mins(shares.size(), std::numeric_limits<float>::infinity());
+  std::vector<double> sums(3 * shares.size(), 0.0);
+  const int64_t threads = at::get_num_threads(), n_shares = int64_t(shares.size());
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> w(3 * max_block);
+    // thread t: the shares that start in its part [t, t + 1) x bytes / threads of the bytes
+    int64_t k = std::lower_bound(share_start.begin(), share_start.end(), bytes * t0 / threads) - share_start.begin();
+    for (; k < n_shares && share_start[k] < bytes * t1 / threads; ++k) {
+      const PassJob& J = jobs[shares[k][0]];
+      const int64_t index = k - J.first_share, width = (J.ep != nullptr ? 4 : 1) * J.cols;
+      float* part = parts.get() + J.part + index * width;
+      std::fill(part, part + width, 0.f);
+      share_pass<T>(J, shares[k][1], shares[k][2], part, J.ep != nullptr ? part + J.cols : nullptr, &f_mins[k],
+                    &sums[3 * k], w.data());
+    }
+  });
+  at::parallel_for(0, int64_t(jobs.size()), 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const PassJob& J = jobs[j];
+      const int64_t cols = J.cols, width = (J.ep != nullptr ? 4 : 1) * cols;
+      std::fill(J.col_out, J.col_out + cols, 0.f);
+      if (J.ep != nullptr) std::fill(J.expand_out, J.expand_out + 4 * cols, 0.f);
+      float f_min = std::numeric_limits<float>::infinity();
+      double total[3] = {0.0, 0.0, 0.0};
+      for (int64_t k = 0; k < J.shares; ++k) {  // (in share order)
+        const float* part = parts.get() + J.part + k * width;
+        for (int64_t c = 0; c < cols; ++c) J.col_out[c] += part[c];
+        if (J.ep != nullptr) {
+          for (int64_t c = 0; c < 3 * cols; ++c) J.expand_out[c] += part[cols + c];
+          f_min = std::min(f_min, f_mins[J.first_share + k]);
+        }
+        for (int m = 0; m < 3; ++m) total[m] += sums[3 * (J.first_share + k) + m];
+      }
+      if (J.ep != nullptr) J.expand_out[3 * cols] = f_min;
+      for (int m = 0; m < 3; ++m) J.sums_out[m] = float(total[m]);
+      if (J.gsq != nullptr) {
+        double sq = 0.0;
+        for (int64_t i = 0; i < J.rows; ++i) sq += J.row_out[i];
+        *J.gsq = float(sq);
+      }
+    }
+  });
 }
 
 // Whether the statistics pass takes these tensors (g 2-D; with start >= 0 the sample's tensors; f_old fp32).
@@ -660,38 +723,48 @@ static Sample make_sample(const torch::Tensor& g, int64_t start, const c10::opti
                 s.has_value() ? reinterpret_cast<uint16_t*>(s_new.data_ptr()) : nullptr, float(beta3), float(delta)};
 }
 
-// One tensor's statistics pass (after statistics_applies) with its result tensors: [rows (r, 1), cols (1, c), the new
-// s (empty unless sampled with s), the expansion's accumulators (4, c; empty without f_old)]; the Prodigy sums into
-// sums_out[0..2] and, with gsq, the sum of g^2.
-static std::vector<torch::Tensor> statistics_tensor(
+// One tensor's statistics pass (after statistics_applies) as a job, with its result tensors appended to out: rows
+// (r, 1), cols (1, c), the new s (empty unless sampled with s), the expansion's accumulators (4, c; empty without
+// f_old); S and E: where its Sample and Expansion are kept (they must outlive the job); the Prodigy sums go to
+// sums_out[0..2] and, with gsq, the sum of g^2 to *gsq.
+static PassJob statistics_job(
     const torch::Tensor& g, int64_t start, const c10::optional<torch::Tensor>& data,
     const c10::optional<torch::Tensor>& p0, const c10::optional<torch::Tensor>& s, double beta3, double delta,
     const c10::optional<torch::Tensor>& compact, const c10::optional<torch::Tensor>& f_old, double beta2,
-    double alpha, double inv_cols, double inv_d2, float* sums_out, float* gsq) {
+    double alpha, double inv_cols, double inv_d2, float* sums_out, float* gsq, Sample& S, Expansion& E,
+    std::vector<torch::Tensor>& out) {
   const int64_t rows = g.size(0), cols = g.size(1);
   const auto f32 = g.options().dtype(torch::kFloat);
   auto row_out = torch::empty({rows, 1}, f32);  // (keepdim shapes: what the optimizer keeps them as)
   auto col_out = torch::empty({1, cols}, f32);
   auto s_new = torch::empty({start >= 0 && s.has_value() ? sample_count(g.numel(), start) : 0},
                             g.options().dtype(torch::kBFloat16));
-  Sample S{};
   if (start >= 0) S = make_sample(g, start, data, p0, s, beta3, delta, compact, s_new);
-  Expansion E{};
   auto expand_out = torch::empty({f_old.has_value() ? 4 : 0, cols}, f32);
   if (f_old.has_value()) {
     TORCH_CHECK(f_old->numel() == rows, "f_old: one value per row");
     E = Expansion{f_old->data_ptr<float>(), float(beta2), float(alpha), float(inv_cols), float(inv_d2)};
   }
-  const Sample* sp = start >= 0 ? &S : nullptr;
-  const Expansion* ep = f_old.has_value() ? &E : nullptr;
-  if (g.scalar_type() == torch::kFloat)
-    statistics_into<float>(g.data_ptr<float>(), rows, cols, sp, ep, row_out.data_ptr<float>(),
-                           col_out.data_ptr<float>(), sums_out, expand_out.data_ptr<float>(), gsq);
+  PassJob J{};
+  J.g = g.data_ptr();
+  J.rows = rows;
+  J.cols = cols;
+  J.sp = start >= 0 ? &S : nullptr;
+  J.ep = f_old.has_value() ? &E : nullptr;
+  J.row_out = row_out.data_ptr<float>();
+  J.col_out = col_out.data_ptr<float>();
+  J.sums_out = sums_out;
+  J.expand_out = expand_out.data_ptr<float>();
+  J.gsq = gsq;
+  out.insert(out.end(), {row_out, col_out, s_new, expand_out});
+  return J;
+}
+
+static void run_passes(std::vector<PassJob>& jobs, torch::ScalarType dtype) {
+  if (dtype == torch::kFloat)
+    run_passes<float>(jobs);
   else
-    statistics_into<uint16_t>(reinterpret_cast<const uint16_t*>(g.data_ptr()), rows, cols, sp, ep,
-                              row_out.data_ptr<float>(), col_out.data_ptr<float>(), sums_out,
-                              expand_out.data_ptr<float>(), gsq);
-  return {row_out, col_out, s_new, expand_out};
+    run_passes<uint16_t>(jobs);
 }
 
 // Factored statistics of g (rows, cols: sums of g^2 along dim 1 and dim 0) and, with start >= 0, the Prodigy
@@ -706,17 +779,21 @@ std::vector<torch::Tensor> statistics(torch::Tensor g, int64_t start, c10::optio
                                       double inv_cols, double inv_d2) {
   if (!statistics_applies(g, start, data, p0, s, compact, f_old)) return {};
   auto sums_out = torch::empty({3}, g.options().dtype(torch::kFloat));
-  auto t = statistics_tensor(g, start, data, p0, s, beta3, delta, compact, f_old, beta2, alpha, inv_cols, inv_d2,
-                             sums_out.data_ptr<float>(), nullptr);
+  Sample S{};
+  Expansion E{};
+  std::vector<torch::Tensor> t;
+  std::vector<PassJob> jobs{statistics_job(g, start, data, p0, s, beta3, delta, compact, f_old, beta2, alpha,
+                                           inv_cols, inv_d2, sums_out.data_ptr<float>(), nullptr, S, E, t)};
+  run_passes(jobs, g.scalar_type());
   return {t[0], t[1], sums_out, t[2], t[3]};
 }
 
-// statistics() for the 2-D tensors of a bucket in one call, tensor after tensor (each pass over all threads): the
-// Python-level work of a call per tensor costs more, from a cold cache, than the arithmetic of a small matrix. Per
-// tensor i: starts[i] (-1: no Prodigy statistics; else datas, p0s, ss (empty: SPEED) and compacts give its
-// sample), f_olds[i] (none: no expansion; else with inv_cols[i]). Returns [sums (n, 4): the Prodigy sums and the sum
-// of g^2 (row sums added in double), rows (n), cols (n), s_new (n), expansions (n)] (s_new, expansions: empty
-// tensors where there are none), or nothing unless the kernel takes every tensor.
+// statistics() for the 2-D tensors of a bucket in one call (the same bits as tensor by tensor; all their shares in
+// one parallel region): the Python-level work of a call per tensor costs more, from a cold cache, than the
+// arithmetic of a small matrix. Per tensor i: starts[i] (-1: no Prodigy statistics; else datas, p0s, ss (empty:
+// SPEED) and compacts give its sample), f_olds[i] (none: no expansion; else with inv_cols[i]). Returns [sums (n, 4):
+// the Prodigy sums and the sum of g^2 (row sums added in double), rows (n), cols (n), s_new (n), expansions (n)]
+// (s_new, expansions: empty tensors where there are none), or nothing unless the kernel takes every tensor.
 std::vector<torch::Tensor> statistics_many(std::vector<torch::Tensor> gs, std::vector<int64_t> starts,
                                            std::vector<c10::optional<torch::Tensor>> datas,
                                            std::vector<c10::optional<torch::Tensor>> p0s,
@@ -733,13 +810,21 @@ std::vector<torch::Tensor> statistics_many(std::vector<torch::Tensor> gs, std::v
       return {};
   auto sums = torch::zeros({int64_t(n), 4}, torch::TensorOptions().dtype(torch::kFloat));
   float* sums_p = sums.data_ptr<float>();
+  std::vector<Sample> samples(n);  // (sized once: the jobs point into them)
+  std::vector<Expansion> expansions(n);
+  std::vector<torch::Tensor> t;
+  t.reserve(4 * n);
+  std::vector<PassJob> jobs;
+  jobs.reserve(n);
+  for (size_t i = 0; i < n; ++i)
+    jobs.push_back(statistics_job(gs[i], starts[i], datas[i], p0s[i], ss[i], beta3, delta, compacts[i], f_olds[i],
+                                  beta2, alpha, inv_cols[i], inv_d2, sums_p + 4 * i, sums_p + 4 * i + 3, samples[i],
+                                  expansions[i], t));
+  if (n > 0) run_passes(jobs, gs[0].scalar_type());
   std::vector<torch::Tensor> out(1 + 4 * n);  // (sums, then the rows, cols, new s and accumulators of each tensor)
   out[0] = sums;
-  for (size_t i = 0; i < n; ++i) {
-    auto t = statistics_tensor(gs[i], starts[i], datas[i], p0s[i], ss[i], beta3, delta, compacts[i], f_olds[i], beta2,
-                               alpha, inv_cols[i], inv_d2, sums_p + 4 * i, sums_p + 4 * i + 3);
-    for (size_t k = 0; k < 4; ++k) out[1 + k * n + i] = t[k];
-  }
+  for (size_t i = 0; i < n; ++i)
+    for (size_t k = 0; k < 4; ++k) out[1 + k * n + i] = t[4 * i + k];
   return out;
 }
 
@@ -1712,7 +1797,7 @@ def _load():
                 logger.info("loading the native CPU kernels (%s); the first use on a machine builds them, ~20 s (if "
                             "this waits much longer, a build killed midway left a 'lock' file in torch's extension "
                             "cache, $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions: delete it)", isa)
-                _module = load_inline(name=f"prodigy_dist_native_v45_{isa.lower() if flags else 'base'}",
+                _module = load_inline(name=f"prodigy_dist_native_v46_{isa.lower() if flags else 'base'}",
                                       cpp_sources=[_SOURCE],
                                       functions=["statistics", "statistics_many", "rms_factored", "stochastic_round_",
                                                  "update_sf", "atan2_fast_", "factors_",
@@ -1822,8 +1907,9 @@ def rms_full_sf(g: torch.Tensor, v: torch.Tensor, scalars: torch.Tensor, numel: 
 
 def statistics_many(gs: list[torch.Tensor], sample: tuple | None = None, expansion: tuple | None = None
                     ) -> tuple[torch.Tensor, list, list, list | None, list | None] | None:
-    """:func:`statistics` of several 2-D tensors in one call, tensor after tensor (all fp32 or all bf16). ``sample =
-    (starts, xs, p0s, ss, beta3, delta, compacts)``: per tensor what :func:`statistics`'s sample holds (``ss=None``:
+    """:func:`statistics` of several 2-D tensors in one call (all fp32 or all bf16; every tensor's shares of rows in
+    one parallel region, the same bits as one call per tensor). ``sample = (starts, xs, p0s, ss, beta3, delta,
+    compacts)``: per tensor what :func:`statistics`'s sample holds (``ss=None``:
     SPEED; an entry of ``compacts`` may be None); ``expansion = (f_olds, beta2, alpha, inv_cols, inv_d2)``: per tensor
     f_old and inv_cols. Returns (sums, rows, cols, s_new, accumulators): ``sums`` (n, 4) fp32, per tensor the three
     Prodigy sums of :func:`statistics` (zeros without ``sample``) and its sum of g^2 (the row sums added in double);

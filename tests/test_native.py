@@ -458,6 +458,51 @@ def test_statistics_many_equals_the_pass_tensor_by_tensor(dtype, sample, expansi
     assert samples is None or sums[:, 0].abs().sum() > 0  # (not all empty)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_statistics_are_the_same_bits_on_any_number_of_threads(dtype):
+    """The statistics pass splits a tensor into shares fixed by its shape, each summing its columns (and the
+    expansion's accumulators, and the Prodigy sums) from zero, added in share order: 1, 2 or 3 threads, one tensor or
+    several in one call, give the same bits. (1000, 300) and (200, 3000) take several shares each."""
+    gen = torch.Generator().manual_seed(12)
+    shapes = [(1000, 300), (200, 3000), (7, 5)]
+    gs = [(torch.randn(sh, generator=gen) * 1e-2).to(dtype) for sh in shapes]
+    xs = [torch.randn(sh, generator=gen).to(dtype) for sh in shapes]
+    starts = [4, 0, 2]
+    p0s = [(x.reshape(-1)[st::11].float() + 1e-2).bfloat16() for x, st in zip(xs, starts)]
+    ss = [(torch.randn(p.numel(), generator=gen) * 1e-3).bfloat16() for p in p0s]
+    compacts = [x.reshape(-1)[st::11].clone() for x, st in zip(xs, starts)]
+    f_olds = [torch.rand(sh[0], generator=gen) + 0.5 for sh in shapes]
+    inv_cols = [1.0 / sh[1] for sh in shapes]
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            one = [native.statistics(g, (st, x, p0, s, 0.99, 3.7e-4, c), (f, 0.99, 0.01, ic, 4.0))
+                   for g, st, x, p0, s, c, f, ic in zip(gs, starts, xs, p0s, ss, compacts, f_olds, inv_cols)]
+            many = native.statistics_many(gs, (starts, xs, p0s, ss, 0.99, 3.7e-4, compacts),
+                                          (f_olds, 0.99, 0.01, inv_cols, 4.0))
+            results.append((one, many))
+    finally:
+        torch.set_num_threads(threads)
+
+    def bits(t):
+        return t.view(torch.int16) if t.dtype == torch.bfloat16 else t.view(torch.int32)
+
+    (one_1, many_1) = results[0]
+    for one, many in results[1:]:
+        for a, b in zip(one, one_1):
+            assert all(torch.equal(bits(x), bits(y)) for x, y in zip(a, b))
+        assert torch.equal(many[0], many_1[0])
+        for part, part_1 in zip(many[1:], many_1[1:]):
+            assert all(torch.equal(bits(x), bits(y)) for x, y in zip(part, part_1))
+    sums, rows, cols, s_new, accumulators = results[0][1]
+    for i, (g, one) in enumerate(zip(gs, results[0][0])):  # (and one tensor alone as among others)
+        assert torch.equal(rows[i], one[0]) and torch.equal(cols[i], one[1]) and torch.equal(sums[i, :3], one[2])
+        assert torch.equal(bits(s_new[i]), bits(one[3])) and torch.equal(accumulators[i], one[4])
+        torch.testing.assert_close(cols[i].double(), g.double().square().sum(0, keepdim=True), rtol=1e-5, atol=0)
+
+
 def test_statistics_many_refuses_what_it_does_not_handle():
     gs = [torch.randn(4, 6), torch.randn(5, 3)]
     assert native.statistics_many([gs[0], gs[1].t()]) is None  # not contiguous
