@@ -492,8 +492,8 @@ struct Expand16 {
 // last ones masked by m) walk down the rows [r0, r1), each row's weights w[3 (r - r0) ..]. The same operations per
 // column and row, in the same row order, as rows_expand, so the same bits; acc and e are read and written once per
 // block instead of once per four rows (which bound rows_expand by those loads and stores: over the fp32 matrices of a
-// 20M-parameter GPT, 2 threads, from a flushed cache, the expansion added 0.7 ms to the statistics pass, now 0.25;
-// the whole pass with the Prodigy samples 0.89-0.92 of its time).
+// 20M-parameter GPT, 2 threads, from a flushed cache, one parallel region per matrix, the expansion added 0.7 ms to
+// the statistics pass, then 0.25; the whole pass with the Prodigy samples 0.89-0.92 of its time).
 template <typename T, bool FOUR>
 static inline void columns_expand16(const T* __restrict g, int64_t r0, int64_t r1, int64_t cols, int64_t j,
                                     __mmask16 m, const float* __restrict w, float* __restrict e,
