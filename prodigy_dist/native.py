@@ -68,8 +68,10 @@ microseconds per call, more than the arithmetic of a small tensor. The statistic
 Row sums accumulate in fp32 per row and column sums in fp32 per share, with explicit fused multiply-adds (on one
 core that pass was bound by its arithmetic: wte of GPT-2 124M, 1 thread, 7.7 -> 6.3 ms; g.sum() 4.4 ms); the
 Prodigy sums in fp32 per block of rows and in double across blocks and shares; the RMS sum in fp32 per row and in
-double across rows. Elsewhere the elementwise roundings are those of the compiled kernels (``-ffp-contract=off``:
-no implicit fused multiply-adds), so the new ``s`` is bit-identical to the compiled kernel's. The kernels are
+double across rows (pieces of 16 rows, or of 4096 elements with the full second moment, added in piece order). No
+result depends on the number of threads. Elsewhere the elementwise roundings are those of the compiled kernels
+(``-ffp-contract=off``: no implicit fused multiply-adds), so the new ``s`` is bit-identical to the compiled
+kernel's. The kernels are
 built with ``torch.utils.cpp_extension`` on first use, with the vector instructions of the CPU capability torch
 reports (a C++ compiler and ninja are needed; tens of seconds, cached by torch in ``~/.cache/torch_extensions``).
 If the build fails, that is logged once and the compiled path uses its own kernels; ``PRODIGY_DIST_NATIVE=0`` in
@@ -193,14 +195,18 @@ static inline bool cpu_dense(const torch::Tensor& t, torch::ScalarType type) {
   return t.scalar_type() == type && t.is_contiguous() && t.device().is_cpu();
 }
 
-// sum over [0, n) of part(begin, end): each thread's parts added in double, then the threads' totals.
+// sum over [0, n) of part(begin, end) over the pieces [k piece, (k + 1) piece), the threads splitting the pieces, and
+// the pieces' sums added in piece order: the same bits on any number of threads.
 template <typename F>
-static double parallel_sum(int64_t n, int64_t grain, const F& part) {
-  std::vector<double> per_thread(at::get_num_threads(), 0.0);
-  double* out = per_thread.data();
-  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { out[at::get_thread_num()] += part(begin, end); });
+static double parallel_sum(int64_t n, int64_t piece, const F& part) {
+  const int64_t pieces = (n + piece - 1) / piece;
+  std::vector<double> sums(pieces, 0.0);
+  double* out = sums.data();
+  at::parallel_for(0, pieces, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) out[k] = part(k * piece, std::min(n, (k + 1) * piece));
+  });
   double total = 0.0;
-  for (double s : per_thread) total += s;
+  for (double s : sums) total += s;
   return total;
 }
 
@@ -939,7 +945,7 @@ static double rms_full_part(const T* __restrict gp, T* __restrict vp, int64_t be
 
 template <typename T>
 static double rms_full_elements(const T* g, T* v, int64_t n, const float* k) {
-  return parallel_sum(n, 1 << 14, [=](int64_t begin, int64_t end) { return rms_full_part(g, v, begin, end, k); });
+  return parallel_sum(n, 4096, [=](int64_t begin, int64_t end) { return rms_full_part(g, v, begin, end, k); });
 }
 
 torch::Tensor rms_full_sf(torch::Tensor g, torch::Tensor v, torch::Tensor k, int64_t numel) {
@@ -1797,7 +1803,7 @@ def _load():
                 logger.info("loading the native CPU kernels (%s); the first use on a machine builds them, ~20 s (if "
                             "this waits much longer, a build killed midway left a 'lock' file in torch's extension "
                             "cache, $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions: delete it)", isa)
-                _module = load_inline(name=f"prodigy_dist_native_v46_{isa.lower() if flags else 'base'}",
+                _module = load_inline(name=f"prodigy_dist_native_v47_{isa.lower() if flags else 'base'}",
                                       cpp_sources=[_SOURCE],
                                       functions=["statistics", "statistics_many", "rms_factored", "stochastic_round_",
                                                  "update_sf", "atan2_fast_", "factors_",

@@ -477,6 +477,51 @@ def test_auto_on_a_cpu_takes_native_only_buckets_without_compiling(monkeypatch, 
     assert_close(pa, oa, pb, ob, dtype, carried_flips=True)
 
 
+@pytest.mark.parametrize("variant", list(NATIVE_ONLY))
+def test_the_native_step_is_the_same_on_any_number_of_threads(monkeypatch, variant):
+    """On a CPU the native step's results do not depend on the number of threads: its reductions are cut into pieces
+    fixed by the shapes and added in order (the statistics pass in shares of whole blocks, the RMS passes in pieces of
+    16 rows or 4096 elements). Weights, state and d after four steps on 1, 2 and 3 threads: the same bits. The
+    matrices span several shares and pieces; in Prodigy mode the vectors run eagerly, below torch's grain."""
+    from prodigy_dist import native
+    if not native.available():
+        pytest.skip("the native CPU kernels could not be built here")
+    options, dtype = NATIVE_ONLY[variant]
+    monkeypatch.setattr(compiled, "AUTO_CPU_NATIVE_MIN_PARAMS", 0)
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(700, 300), (64, 2000), (96, 64), (3, 70), (4200,), (64,)]
+    values = [(torch.randn(s, generator=gen) * 0.1).to(dtype) for s in shapes]
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            params = [torch.nn.Parameter(v.clone()) for v in values]
+            opt = ProdigyPlusScheduleFree(params, d0=1e-3, **options)
+            for step in range(4):
+                set_grads(params, step)
+                opt.step()
+            runs.append((params, opt))
+    finally:
+        torch.set_num_threads(threads)
+    (pa, oa), rest = runs[0], runs[1:]
+    assert oa._plan is not None and any(b.impl is compiled for b in oa._plan[1])
+    if "prodigy_steps" not in options:
+        assert oa.param_groups[0]["d"] > 1e-3
+
+    def tensors(params, opt):
+        out = [p.detach() for p in params]
+        for p in params:
+            out += [v for v in opt.state[p].values() if torch.is_tensor(v)]
+        return out
+
+    for pb, ob in rest:
+        assert [g["d"] for g in ob.param_groups] == [g["d"] for g in oa.param_groups]
+        for a, b in zip(tensors(pa, oa), tensors(pb, ob), strict=True):
+            assert torch.equal(a.view(torch.int16) if a.dtype == torch.bfloat16 else a,
+                               b.view(torch.int16) if b.dtype == torch.bfloat16 else b)
+
+
 def test_auto_on_a_cpu_needs_the_native_threshold_and_native_only_buckets(monkeypatch):
     from prodigy_dist import native
     from prodigy_dist.scalars import step_scalars
