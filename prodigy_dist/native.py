@@ -605,7 +605,7 @@ static void share_pass(const PassJob& J, int64_t r0, int64_t r1, float* acc, flo
     const int64_t b1 = std::min(b0 + block, r1);
     int64_t i = b0;
 #ifdef PRODIGY_DIST_SAMPLES16
-    // (with the expansion its sweep over the block adds the column sums, four rows per read of acc)
+    // (with the expansion the column sums are added by its walk over the block, in registers: rows_expand16)
     for (; i < b1; ++i) {
       prefetch_ahead(g + i * cols, cols * int64_t(sizeof(T)));
       row_out[i] = E != nullptr ? row_squares16<T, false>(g + i * cols, acc, cols)
@@ -1803,7 +1803,7 @@ def _load():
                 logger.info("loading the native CPU kernels (%s); the first use on a machine builds them, ~20 s (if "
                             "this waits much longer, a build killed midway left a 'lock' file in torch's extension "
                             "cache, $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions: delete it)", isa)
-                _module = load_inline(name=f"prodigy_dist_native_v47_{isa.lower() if flags else 'base'}",
+                _module = load_inline(name=f"prodigy_dist_native_v48_{isa.lower() if flags else 'base'}",
                                       cpp_sources=[_SOURCE],
                                       functions=["statistics", "statistics_many", "rms_factored", "stochastic_round_",
                                                  "update_sf", "atan2_fast_", "factors_",
