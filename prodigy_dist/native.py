@@ -71,9 +71,9 @@ Prodigy sums in fp32 per block of rows and in double across blocks and shares; t
 double across rows (pieces of 16 rows, or of 4096 elements with the full second moment, added in piece order). No
 result depends on the number of threads. Elsewhere the elementwise roundings are those of the compiled kernels
 (``-ffp-contract=off``: no implicit fused multiply-adds), so the new ``s`` is bit-identical to the compiled
-kernel's. The kernels are
-built with ``torch.utils.cpp_extension`` on first use, with the vector instructions of the CPU capability torch
-reports (a C++ compiler and ninja are needed; tens of seconds, cached by torch in ``~/.cache/torch_extensions``).
+kernel's. The kernels are built with ``torch.utils.cpp_extension`` on first use, with the vector instructions of
+the CPU capability torch reports (a C++ compiler and ninja are needed; tens of seconds, cached by torch in
+``~/.cache/torch_extensions``).
 If the build fails, that is logged once and the compiled path uses its own kernels; ``PRODIGY_DIST_NATIVE=0`` in
 the environment keeps them off.
 """
@@ -428,10 +428,10 @@ static inline void expansion_weights(float row_sum, float f_old, const Expansion
 }
 
 // Rows [r0, r1) of a block just summed (from cache), four at a time: their weighted squares added to e (3 x cols).
-// COLS: the squares are also added to the column sums acc, in the order row_squares adds them (the same bits).
-template <typename T, bool COLS>
+// (Without AVX-512; the sweep has added the column sums.)
+template <typename T>
 static inline void rows_expand(const T* __restrict g, int64_t r0, int64_t r1, int64_t cols, const float* row_sums,
-                               const Expansion& E, float* __restrict e, float* f_min, float* __restrict acc) {
+                               const Expansion& E, float* __restrict e, float* f_min) {
   float* __restrict e0 = e;
   float* __restrict e1 = e + cols;
   float* __restrict e2 = e + 2 * cols;
@@ -447,7 +447,6 @@ static inline void rows_expand(const T* __restrict g, int64_t r0, int64_t r1, in
     for (int64_t j = 0; j < cols; ++j) {
       const float v0 = as_float(x0[j]), v1 = as_float(x1[j]), v2 = as_float(x2[j]), v3 = as_float(x3[j]);
       const float q0 = v0 * v0, q1 = v1 * v1, q2 = v2 * v2, q3 = v3 * v3;
-      if (COLS) acc[j] = std::fma(v3, v3, std::fma(v2, v2, std::fma(v1, v1, std::fma(v0, v0, acc[j]))));
       e0[j] = std::fma(q3, w[3][0], std::fma(q2, w[2][0], std::fma(q1, w[1][0], std::fma(q0, w[0][0], e0[j]))));
       e1[j] = std::fma(q3, w[3][1], std::fma(q2, w[2][1], std::fma(q1, w[1][1], std::fma(q0, w[0][1], e1[j]))));
       e2[j] = std::fma(q3, w[3][2], std::fma(q2, w[2][2], std::fma(q1, w[1][2], std::fma(q0, w[0][2], e2[j]))));
@@ -461,7 +460,6 @@ static inline void rows_expand(const T* __restrict g, int64_t r0, int64_t r1, in
     for (int64_t j = 0; j < cols; ++j) {
       const float v = as_float(x[j]);
       const float q = v * v;
-      if (COLS) acc[j] = std::fma(v, v, acc[j]);
       e0[j] = std::fma(q, w[0], e0[j]);
       e1[j] = std::fma(q, w[1], e1[j]);
       e2[j] = std::fma(q, w[2], e2[j]);
@@ -494,10 +492,11 @@ struct Expand16 {
   }
 };
 
-// rows_expand<T, true> with the accumulators in registers: columns [j, j + 64) (FOUR) or the sixteen from j (the
-// last ones masked by m) walk down the rows [r0, r1), each row's weights w[3 (r - r0) ..]. The same operations per
-// column and row, in the same row order, as rows_expand, so the same bits; acc and e are read and written once per
-// block instead of once per four rows (which bound rows_expand by those loads and stores: over the fp32 matrices of a
+// The expansion with AVX-512, which also adds the column sums to acc: columns [j, j + 64) (FOUR) or the sixteen from
+// j (the last ones masked by m) walk down the rows [r0, r1), each row's weights w[3 (r - r0) ..], with the
+// accumulators in registers. Per column and row the operations of rows_expand (and of the sweep's column sums), in
+// row order, so the same bits; acc and e are read and written once per block, not once per four rows as a four-row
+// version of rows_expand that also added acc did, bound by those loads and stores (over the fp32 matrices of a
 // 20M-parameter GPT, 2 threads, from a flushed cache, one parallel region per matrix, the expansion added 0.7 ms to
 // the statistics pass, then 0.25; the whole pass with the Prodigy samples 0.89-0.92 of its time).
 template <typename T, bool FOUR>
@@ -532,9 +531,9 @@ static inline void columns_expand16(const T* __restrict g, int64_t r0, int64_t r
   }
 }
 
-// rows_expand<T, true> in column strips of 64 (four vectors: sixteen accumulators, enough independent chains of
-// fused multiply-adds to keep both units busy), then the last columns sixteen at a time; w: scratch for 3 (r1 - r0)
-// weights.
+// The expansion of rows [r0, r1) with AVX-512, column sums included, in column strips of 64 (four vectors: sixteen
+// accumulators, enough independent chains of fused multiply-adds to keep both units busy), then the last columns
+// sixteen at a time; w: scratch for 3 (r1 - r0) weights.
 template <typename T>
 static inline void rows_expand16(const T* __restrict g, int64_t r0, int64_t r1, int64_t cols, const float* row_sums,
                                  const Expansion& E, float* __restrict e, float* f_min, float* __restrict acc,
@@ -565,7 +564,7 @@ struct PassJob {
   float* sums_out;  // 3: the Prodigy sums
   float* expand_out;  // 4 x cols with ep: the accumulators, then the least f in the first element of the fourth row
   float* gsq;  // (null: not wanted) the sum of g^2, the row sums added in double
-  int64_t block, share_rows, first_share, shares, part;  // part: its partials' offset in the call's buffer
+  int64_t block, first_share, shares, part;  // part: its partials' offset in the call's buffer
 };
 
 // A tensor's shares: rows [k share_rows, (k + 1) share_rows), whole blocks of at least 128 rows and kShareBytes, at
@@ -619,7 +618,7 @@ static void share_pass(const PassJob& J, int64_t r0, int64_t r1, float* acc, flo
 #ifdef PRODIGY_DIST_SAMPLES16
       rows_expand16<T>(g, b0, b1, cols, row_out, *E, e, f_min, acc, w);
 #else
-      rows_expand<T, false>(g, b0, b1, cols, row_out, *E, e, f_min, acc);
+      rows_expand<T>(g, b0, b1, cols, row_out, *E, e, f_min);
 #endif
     }
     if (S != nullptr && S->compact != nullptr)
@@ -640,10 +639,10 @@ static void run_passes(std::vector<PassJob>& jobs) {
   for (size_t j = 0; j < jobs.size(); ++j) {
     PassJob& J = jobs[j];
     J.block = block_rows(J.cols, elem);
-    J.share_rows = share_rows(J.rows, J.cols, elem, J.block);
+    const int64_t rows_per_share = share_rows(J.rows, J.cols, elem, J.block);
     J.first_share = int64_t(shares.size());
-    for (int64_t r = 0; r < J.rows; r += J.share_rows) {
-      shares.push_back({int64_t(j), r, std::min(J.rows, r + J.share_rows)});
+    for (int64_t r = 0; r < J.rows; r += rows_per_share) {
+      shares.push_back({int64_t(j), r, std::min(J.rows, r + rows_per_share)});
       share_start.push_back(bytes);
       bytes += std::max<int64_t>(1, (shares.back()[2] - r) * J.cols * elem);  // (a share of no bytes: one)
     }
@@ -1803,7 +1802,7 @@ def _load():
                 logger.info("loading the native CPU kernels (%s); the first use on a machine builds them, ~20 s (if "
                             "this waits much longer, a build killed midway left a 'lock' file in torch's extension "
                             "cache, $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions: delete it)", isa)
-                _module = load_inline(name=f"prodigy_dist_native_v48_{isa.lower() if flags else 'base'}",
+                _module = load_inline(name=f"prodigy_dist_native_v49_{isa.lower() if flags else 'base'}",
                                       cpp_sources=[_SOURCE],
                                       functions=["statistics", "statistics_many", "rms_factored", "stochastic_round_",
                                                  "update_sf", "atan2_fast_", "factors_",
@@ -1915,11 +1914,11 @@ def statistics_many(gs: list[torch.Tensor], sample: tuple | None = None, expansi
                     ) -> tuple[torch.Tensor, list, list, list | None, list | None] | None:
     """:func:`statistics` of several 2-D tensors in one call (all fp32 or all bf16; every tensor's shares of rows in
     one parallel region, the same bits as one call per tensor). ``sample = (starts, xs, p0s, ss, beta3, delta,
-    compacts)``: per tensor what :func:`statistics`'s sample holds (``ss=None``:
-    SPEED; an entry of ``compacts`` may be None); ``expansion = (f_olds, beta2, alpha, inv_cols, inv_d2)``: per tensor
-    f_old and inv_cols. Returns (sums, rows, cols, s_new, accumulators): ``sums`` (n, 4) fp32, per tensor the three
-    Prodigy sums of :func:`statistics` (zeros without ``sample``) and its sum of g^2 (the row sums added in double);
-    ``rows``, ``cols`` as :func:`statistics` returns them; ``s_new`` (None without ``sample`` or with SPEED) and
+    compacts)``: per tensor what :func:`statistics`'s sample holds (``ss=None``: SPEED; an entry of ``compacts`` may
+    be None); ``expansion = (f_olds, beta2, alpha, inv_cols, inv_d2)``: per tensor f_old and inv_cols. Returns
+    (sums, rows, cols, s_new, accumulators): ``sums`` (n, 4) fp32, per tensor the three Prodigy sums of
+    :func:`statistics` (zeros without ``sample``) and its sum of g^2 (the row sums added in double); ``rows``,
+    ``cols`` as :func:`statistics` returns them; ``s_new`` (None without ``sample`` or with SPEED) and
     ``accumulators`` (None without ``expansion``) one tensor each. None when the kernel does not take every tensor
     (dtypes, devices, memory layouts) or could not be built."""
     module = _load()
