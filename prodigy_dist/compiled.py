@@ -539,6 +539,25 @@ def _update_list(gs, as_, cs, ms, vs, ys, zs, scales, s, table, starts, V: Varia
         _update_pass(g, a, c, m, v, y, z, scale, s, aux_y, aux_z, V, moments_done)
 
 
+def _derived(b: Bucket, name: str, make: Callable[[], object]):
+    """``b.derived[name]``, made by ``make()`` on first use: only for what follows from the bucket's layouts, dims and
+    sizes (which stay the same for as long as the optimizer reuses the bucket)."""
+    value = b.derived.get(name)
+    if value is None:
+        value = b.derived[name] = make()
+    return value
+
+
+def _numels(b: Bucket) -> list[int]:
+    """The global element count of each piece."""
+    return _derived(b, "numels", lambda: [lay.global_numel for lay in b.layouts])
+
+
+def _slice_starts(b: Bucket) -> list[int]:
+    """Each piece's first sampled local element (its layout's slice_start)."""
+    return _derived(b, "slice_starts", lambda: [lay.slice_start for lay in b.layouts])
+
+
 def _on_gpu(b: Bucket) -> bool:
     """Whether the bucket's kernels run in list calls (any device but the CPU)."""
     return not b.params[0].is_cpu
@@ -557,8 +576,13 @@ _D, _EPS_TERM, _BETA1, _M_ALPHA, _BETA2, _V_ALPHA, _C, _NEG_DLR, _NEG_DLR_XY, _L
 
 
 def _scalars(b: Bucket) -> torch.Tensor:
-    """The step's scalars as one fp32 tensor (computed in double precision like the eager path's Python floats)."""
+    """The step's scalars as one fp32 tensor (computed in double precision like the eager path's Python floats); made
+    once per group, step and device (the buckets of a group share its step scalars ``b.sc``), and only read."""
     group, sc = b.group, b.sc
+    device = b.params[0].device
+    made = sc.get("_tensor")
+    if made is not None and made.device == device:
+        return made
     d, beta1, beta2, dlr = sc["d"], sc["beta1"], sc["beta2"], sc["dlr"]
     lam = group["weight_decay"]
     c, xy = sc.get("c", 0.0), sc.get("xy", 1.0)
@@ -566,7 +590,8 @@ def _scalars(b: Bucket) -> torch.Tensor:
     decay = lam * (dlr if group["weight_decay_by_lr"] else 1.0)
     values = [d, d * eps if eps is not None else 0.0, beta1, (1 - beta1) * d, beta2, (1 - beta2) * d * d, c, -dlr,
               -dlr * xy, lam, -lam, -lam * xy, 1 - decay]
-    return torch.tensor(values, dtype=torch.float32, device=b.params[0].device)
+    sc["_tensor"] = made = torch.tensor(values, dtype=torch.float32, device=device)
+    return made
 
 
 # ------------------------------------------------------------------------------------------ phase A
@@ -613,18 +638,35 @@ def _row_col_all(b: Bucket) -> tuple[list[torch.Tensor], list[torch.Tensor], tor
         b.prodigy_rows = (sums[:, :3], s_new)
     if accumulators is not None:
         b.expansions = dict(enumerate(accumulators))
-    parts = [_oriented(r, c, dr) for r, c, (dr, _) in zip(rows, cols, b.dims)]
-    return [p[0] for p in parts], [p[1] for p in parts], sums[:, 3]
+    # (as _oriented: the native pass returns them keepdim)
+    drs = _derived(b, "drs", lambda: [dr for dr, _ in b.dims])
+    return ([c if dr == 0 else r for r, c, dr in zip(rows, cols, drs)],
+            [r if dr == 0 else c for r, c, dr in zip(rows, cols, drs)], sums[:, 3])
 
 
 def _many_sample(b: Bucket, idx) -> tuple | None:
-    """What native.statistics_many needs for the Prodigy statistics of the pieces ``idx`` (:func:`_native_sample` of
-    each, per field), or None where a piece's are not wanted (no ``p0``)."""
-    samples = [_native_sample(b, i) for i in idx]
-    if any(sample is None for sample in samples):
+    """What native.statistics_many needs for the Prodigy statistics of the pieces ``idx`` (per field: the sample
+    starts, the sampled tensors (z, or the parameters without Schedule-Free), p0, s (None with SPEED), beta3, delta,
+    and z's compact samples where the native update left them), or None where they are not wanted (no ``p0``)."""
+    sc, group = b.sc, b.group
+    if not (sc["prodigy_active"] and not sc["adopt_first"]):
         return None
-    starts, data, p0s, ss, _, _, compacts = (list(field) for field in zip(*samples))
-    return starts, data, p0s, None if b.group["use_speed"] else ss, b.sc["beta3"], b.sc["delta"], compacts
+    idx = list(idx)
+    states = [b.states[i] for i in idx]
+    if not all("p0" in st for st in states):
+        return None
+    p0s = [st["p0"] for st in states]
+    slice_starts = _slice_starts(b)
+    starts = [slice_starts[i] for i in idx]
+    if group["use_schedulefree"]:
+        data = [st["z"] for st in states]
+        compacts = [_recalled_samples(z, start) for z, start in zip(data, starts)]
+        compacts = [c if c is None or c.numel() == p0.numel() else None for c, p0 in zip(compacts, p0s)]
+    else:
+        data = [kernels.prodigy_data(b, i) for i in idx]
+        compacts = [None] * len(idx)
+    ss = None if group["use_speed"] else [st["s"] for st in states]
+    return starts, data, p0s, ss, sc["beta3"], sc["delta"], compacts
 
 
 def _oriented(rows: torch.Tensor, cols: torch.Tensor, dr: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -683,7 +725,7 @@ def _listed(b: Bucket) -> list[int]:
     elements, the kernels built)."""
     if b.kind != "full" or _on_gpu(b) or not native.available():
         return []
-    return [i for i, g in enumerate(b.grads) if g.numel() < LIST_MAX]
+    return _derived(b, "listed", lambda: [i for i, p in enumerate(b.params) if p.numel() < LIST_MAX])
 
 
 def _list_statistics(b: Bucket, listed: list[int], every: bool) -> torch.Tensor:
@@ -693,8 +735,9 @@ def _list_statistics(b: Bucket, listed: list[int], every: bool) -> torch.Tensor:
     sample = None
     if sc["prodigy_active"] and not sc["adopt_first"] and all("p0" in states[i] for i in listed):
         speed = b.group["use_speed"]
+        slice_starts = _slice_starts(b)
         sample = ([kernels.prodigy_data(b, i) for i in listed], [states[i]["p0"] for i in listed],
-                  None if speed else [states[i]["s"] for i in listed], [b.layouts[i].slice_start for i in listed],
+                  None if speed else [states[i]["s"] for i in listed], [slice_starts[i] for i in listed],
                   sc["beta3"], sc["delta"])
     sq, sums, s_new = native.statistics_list([b.grads[i] for i in listed], sample)
     if sample is not None:
@@ -740,10 +783,17 @@ def _expansion_scalars(b: Bucket) -> tuple[float, float, float] | None:
     return beta2, (1 - beta2) * d * d, inv_d2
 
 
+def _expansion_parts(b: Bucket) -> tuple[list[str], list[float]]:
+    """Per piece, the state name of the moment of the factor indexed by g's rows, and 1 / g's column count."""
+    return _derived(b, "expansion", lambda: (
+        ["exp_avg_sq_row" if dr_dc[1] == 0 else "exp_avg_sq_col" for dr_dc in b.dims],
+        [1.0 / lay.global_shape[1] for lay in b.layouts]))
+
+
 def _expansion_moment(b: Bucket, i: int) -> tuple[torch.Tensor, float]:
     """Piece ``i``'s part of its expansion: the moment of the factor indexed by g's rows, and 1 / its column count."""
-    moment = b.states[i]["exp_avg_sq_row" if b.dims[i][1] == 0 else "exp_avg_sq_col"]
-    return moment, 1.0 / b.layouts[i].global_shape[1]
+    names, inv_cols = _expansion_parts(b)
+    return b.states[i][names[i]], inv_cols[i]
 
 
 def _expansion(b: Bucket, i: int) -> tuple | None:
@@ -762,24 +812,21 @@ def _expansion_all(b: Bucket) -> tuple | None:
     if scalars is None:
         return None
     beta2, alpha, inv_d2 = scalars
-    parts = [_expansion_moment(b, i) for i in range(len(b.grads))]
-    return [m for m, _ in parts], beta2, alpha, [c for _, c in parts], inv_d2
+    names, inv_cols = _expansion_parts(b)
+    return [st[name] for st, name in zip(b.states, names)], beta2, alpha, inv_cols, inv_d2
 
 
 _FP32_MAX = torch.finfo(torch.float32).max
 
 
 def _native_sample(b: Bucket, i: int) -> tuple | None:
-    """What the native statistics pass needs to compute piece ``i``'s Prodigy statistics too (None: not wanted)."""
-    st = b.states[i]
-    if not (b.sc["prodigy_active"] and not b.sc["adopt_first"] and "p0" in st):
+    """What the native statistics pass needs to compute piece ``i``'s Prodigy statistics too (None: not wanted):
+    :func:`_many_sample` of that piece alone."""
+    sample = _many_sample(b, (i,))
+    if sample is None:
         return None
-    s = None if b.group["use_speed"] else st["s"]
-    data, start = kernels.prodigy_data(b, i), b.layouts[i].slice_start
-    compact = _recalled_samples(data, start) if b.group["use_schedulefree"] else None
-    if compact is not None and compact.numel() != st["p0"].numel():
-        compact = None
-    return start, data, st["p0"], s, b.sc["beta3"], b.sc["delta"], compact
+    starts, data, p0s, ss, beta3, delta, compacts = sample
+    return starts[0], data[0], p0s[0], ss[0] if ss is not None else None, beta3, delta, compacts[0]
 
 
 def _prodigy_sample(b: Bucket, stats: torch.Tensor) -> None:
@@ -866,13 +913,13 @@ def _factors(b: Bucket) -> list[tuple[torch.Tensor, torch.Tensor]]:
     if not _on_gpu(b):  # the same operations in one native call (the multi-tensor calls cost more host time)
         expansions = None
         if b.expansions:
-            expansions = ([b.expansions.get(i) for i in range(len(rs))], b.group["eps"],
-                          [lay.global_numel for lay in b.layouts])
-        out = native.factors(rs, cs, b.row_parts, b.col_parts, [1.0 / s[dr] for s, (dr, _) in zip(shapes, b.dims)],
-                             [1.0 / s[dc] for s, (_, dc) in zip(shapes, b.dims)],
-                             [s[dc] for s, (_, dc) in zip(shapes, b.dims)], [dc for _, dc in b.dims],
-                             [b.r_sums[i][1:2] if i in b.r_sums else None for i in range(len(rs))], beta2, alpha,
-                             expansions)
+            expansions = ([b.expansions.get(i) for i in range(len(rs))], b.group["eps"], _numels(b))
+        inv_r, inv_c, n_dc, dcs = _derived(b, "factor_sizes", lambda: (
+            [1.0 / s[dr] for s, (dr, _) in zip(shapes, b.dims)], [1.0 / s[dc] for s, (_, dc) in zip(shapes, b.dims)],
+            [s[dc] for s, (_, dc) in zip(shapes, b.dims)], [dc for _, dc in b.dims]))
+        r_sums = [b.r_sums.get(i) for i in range(len(rs))] if b.r_sums else [None] * len(rs)
+        out = native.factors(rs, cs, b.row_parts, b.col_parts, inv_r, inv_c, n_dc, dcs,
+                             [t[1:2] if t is not None else None for t in r_sums], beta2, alpha, expansions)
         if out is not None:
             if expansions is not None:
                 b.divisors = out.pop()
@@ -915,14 +962,18 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
     rest = [i for i in range(n) if i not in in_list] if listed else range(n)
     ms: list = [None] * n
     vs: list = [None] * n
-    gs: list = [None] * n
-    for i in rest:
-        st = b.states[i]
+    if not V.full:  # (every piece is in rest)
+        gs: list = list(b.grads)
         if not V.schedulefree:
-            ms[i] = flat(st["exp_avg"])
-        if V.full:
+            ms = [st["exp_avg"] for st in b.states]
+    else:
+        gs = [None] * n
+        for i in rest:
+            st = b.states[i]
+            if not V.schedulefree:
+                ms[i] = flat(st["exp_avg"])
             vs[i] = flat(st["exp_avg_sq"])
-        gs[i] = flat(b.grads[i])
+            gs[i] = flat(b.grads[i])
     scales: list[torch.Tensor | None] = [None] * n
     # On one process on a CPU, each tensor's RMS pass runs right before its update pass, which then reads g from
     # the cache (a tensor of a few MB) instead of memory; elsewhere all RMS sums first, for one reduction.
@@ -954,8 +1005,8 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
         if listed:
             list_scales = all_scales[listed]
     elif V.stable and listed:
-        list_scales = _stable_scales(list_uu, torch.tensor([b.layouts[i].global_numel for i in listed],
-                                                           dtype=torch.float32))
+        list_scales = _stable_scales(list_uu, _derived(b, "listed_numels", lambda: torch.tensor(
+            [b.layouts[i].global_numel for i in listed], dtype=torch.float32)))
 
     if not sc["prodigy_active"]:
         for st in b.states:
@@ -1114,32 +1165,39 @@ def _native_update_many(b: Bucket, idx: list[int], factors, s, V: Variant, stoch
     (CPU): their StableAdamW divisors from ``scales`` (one per piece, in ``idx`` order), or with ``rms_each`` from
     each piece's RMS pass right before its update (one process). False (nothing written) where the native kernels
     do not take every piece."""
-    states, layouts = b.states, b.layouts
-    outs = [_samples_buffer(states[i]) for i in idx]
-    starts = [layouts[i].slice_start if out is not None else -1 for i, out in zip(idx, outs)]
+    layouts = b.layouts
+    every = len(idx) == len(b.params)  # (then idx is every piece in order)
+    states = b.states if every else [b.states[i] for i in idx]
+    slice_starts = _slice_starts(b)
+    outs = [_samples_buffer(st) for st in states]
+    starts = [slice_starts[i] if out is not None else -1 for i, out in zip(idx, outs)]
+    all_numels = _numels(b)
+    numels = all_numels if every else [all_numels[i] for i in idx]
     noise = None
     if stochastic:
         noise = (doubled_table(b.params[0].device, b.sr_seed),
                  *native.table_starts_many(b.sc["k"], [layouts[i].flat_offset for i in idx],
                                            [b.positions[i] for i in idx]))
-    gs, ys, zs = [b.grads[i] for i in idx], [b.params[i].detach() for i in idx], [states[i]["z"] for i in idx]
+    # (the parameters themselves, not detached aliases: the kernel writes through their data pointers)
+    gs = list(b.grads) if every else [b.grads[i] for i in idx]
+    ys = list(b.params) if every else [b.params[i] for i in idx]
+    zs = z_states = [st["z"] for st in states]
     if V.full:  # (2-D views: rows of the last dim; the sample positions are flat indices)
         shapes = [_rows_shape(g) for g in gs]
         gs, ys, zs = ([t.reshape(shape) for t, shape in zip(ts, shapes)] for ts in (gs, ys, zs))
-        vs = [states[i]["exp_avg_sq"].reshape(g.shape) for i, g in zip(idx, gs)]
-        done = native.update_sf_full_many(gs, ys, zs, vs, s, scales,
-                                          [layouts[i].global_numel for i in idx] if rms_each else None, V.decay,
+        vs = [st["exp_avg_sq"].reshape(g.shape) for st, g in zip(states, gs)]
+        done = native.update_sf_full_many(gs, ys, zs, vs, s, scales, numels if rms_each else None, V.decay,
                                           list(zip(starts, outs)), atan2=V.atan2, noise=noise)
     else:
-        rms = (b.sc["d"], b.sc["d"] * b.group["eps"], [layouts[i].global_numel for i in idx]) if rms_each else None
-        done = native.update_sf_factored_many(gs, ys, zs, [factors[i][0] for i in idx],
-                                              [factors[i][1] for i in idx], s, scales, rms, V.decay,
-                                              list(zip(starts, outs)), atan2=V.atan2, noise=noise)
+        rms = (b.sc["d"], b.sc["d"] * b.group["eps"], numels) if rms_each else None
+        picked = factors if every else [factors[i] for i in idx]
+        done = native.update_sf_factored_many(gs, ys, zs, [a for a, _ in picked], [c for _, c in picked], s, scales,
+                                              rms, V.decay, list(zip(starts, outs)), atan2=V.atan2, noise=noise)
     if not done:
         return False
-    for i, start, out in zip(idx, starts, outs):
+    for z, start, out in zip(z_states, starts, outs):
         if out is not None:
-            _remember_samples(states[i]["z"], start, out)
+            _remember_samples(z, start, out)
     return True
 
 
@@ -1161,14 +1219,17 @@ def _native_prodigy_many(b: Bucket, idx: list[int], factors, s, V: Variant, stoc
         noise=noise)
 
 
-class _Samples(NamedTuple):
+class _Samples:
     """z's sampled values as the native update left them, and what must still hold for them to be z's."""
 
-    ref: weakref.ref  # to z
-    version: int  # z's version counter then
-    ptr: int  # z's data pointer then
-    start: int  # the sample start
-    values: torch.Tensor
+    __slots__ = ("ref", "version", "ptr", "start", "values")
+
+    def __init__(self, ref: weakref.ref, version: int, ptr: int, start: int, values: torch.Tensor):
+        self.ref = ref  # to z
+        self.version = version  # z's version counter then
+        self.ptr = ptr  # z's data pointer then
+        self.start = start  # the sample start
+        self.values = values
 
 
 #: id(z) -> _Samples
@@ -1188,10 +1249,10 @@ def _remember_samples(z: torch.Tensor, start: int, values: torch.Tensor) -> None
         return
     key = id(z)
     entry = _z_samples.get(key)
-    if entry is not None and entry.ref() is z:  # (the same z as last step: keep its weak reference)
-        ref = entry.ref
-    else:
-        ref = weakref.ref(z, lambda _, key=key: _z_samples.pop(key, None))
+    if entry is not None and entry.ref() is z:  # (the same z as last step: its entry, updated)
+        entry.version, entry.ptr, entry.start, entry.values = version, z.data_ptr(), start, values
+        return
+    ref = weakref.ref(z, lambda _, key=key: _z_samples.pop(key, None))
     _z_samples[key] = _Samples(ref, version, z.data_ptr(), start, values)
 
 

@@ -98,6 +98,9 @@ class Bucket:
     # packed: the flat state roles (Pack.adopt), and the flat gradient ("g") and parameters ("w", Prodigy mode)
     # that phase A gathered for phase B
     flat: dict[str, torch.Tensor] = field(default_factory=dict)
+    # what follows from the pieces' layouts, dims and sizes alone (lists of sample starts, element counts...): made on
+    # first use and kept, since the optimizer reuses a step's buckets while their parameters and state stay the same
+    derived: dict[str, Any] = field(default_factory=dict)
     # filled by statistics()
     row_parts: list[torch.Tensor] = field(default_factory=list)
     r_sums: dict[int, torch.Tensor] = field(default_factory=dict)  # global sums of R along a sharded dc

@@ -566,6 +566,7 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
         num_t = torch.zeros(rows.shape[0], dtype=torch.float32, device=device)
         den_t = torch.zeros_like(num_t)
         speed_commits = []
+        runs: list[list] = []  # [start, end, delta, s dtype]: consecutive buckets with the same, one operation each
         start = 0
         for b in buckets:
             n = len(b.params)
@@ -574,7 +575,13 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
             if not (b.sc["prodigy_active"] and not b.sc["adopt_first"]):
                 continue
             delta = b.sc["delta"]
-            if b.group["use_speed"]:
+            if not b.group["use_speed"]:
+                s_dtype = b.states[0]["s"].dtype
+                if runs and runs[-1][1] == sl.start and runs[-1][2:] == [delta, s_dtype]:
+                    runs[-1][1] = sl.stop
+                else:
+                    runs.append([sl.start, sl.stop, delta, s_dtype])
+            else:
                 dot, l1, l2 = rows[sl, DOT], rows[sl, ABS_S], rows[sl, L2SQ].sqrt()
                 beta = speed_beta(b.sc["k"])
                 prev = torch.stack([st.get("exp_avg_x0_dot", dot[i]) for i, st in enumerate(b.states)])
@@ -588,10 +595,10 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
                 den_t[sl] = l2
                 num_t[sl] = (delta / (l2 + 1).square()) * ema / l1
                 speed_commits.append((b, ema, l1, l2))
-            else:
-                s_dtype = b.states[0]["s"].dtype
-                den_t[sl] = rows[sl, ABS_S].to(s_dtype).float()  # sum|s| rounded to s's dtype per tensor
-                num_t[sl] = delta * rows[sl, DOT]
+        for first, end, delta, s_dtype in runs:
+            sl = slice(first, end)
+            den_t[sl] = rows[sl, ABS_S].to(s_dtype).float()  # sum|s| rounded to s's dtype per tensor
+            num_t[sl] = delta * rows[sl, DOT]
         perm_t, acc_index = self._sum_order(buckets, device)
         num = torch.zeros(n_acc, dtype=torch.float32, device=device).index_add_(0, acc_index, num_t[perm_t])
         den = torch.zeros(n_acc, dtype=torch.float32, device=device).index_add_(0, acc_index, den_t[perm_t])
