@@ -1009,9 +1009,7 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
             [b.layouts[i].global_numel for i in listed], dtype=torch.float32)))
 
     if not sc["prodigy_active"]:
-        for st in b.states:
-            st.pop("p0", None)
-            st.pop("s", None)
+        kernels.drop_prodigy_state(b)
 
     if _on_gpu(b):
         _update_lists(b, V, s, gs, factors, ms, vs, scales, flat)

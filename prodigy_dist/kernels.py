@@ -101,6 +101,8 @@ class Bucket:
     # what follows from the pieces' layouts, dims and sizes alone (lists of sample starts, element counts...): made on
     # first use and kept, since the optimizer reuses a step's buckets while their parameters and state stay the same
     derived: dict[str, Any] = field(default_factory=dict)
+    # per piece, the new s that commit_s last stored in the state in place of the old one (None: copied into it)
+    s_stored: list[torch.Tensor | None] = field(default_factory=list)
     # filled by statistics()
     row_parts: list[torch.Tensor] = field(default_factory=list)
     r_sums: dict[int, torch.Tensor] = field(default_factory=dict)  # global sums of R along a sharded dc
@@ -277,17 +279,31 @@ def commit_s(b: Bucket) -> None:
         return
     # A state tensor that owns its memory is replaced by the new one (phase A's own output); a view (of a flat
     # buffer: packing, DeepSpeed) is copied into. (The copy of every s cost ~0.25 ms a step on a 20M-parameter GPT.)
+    # The s stored here last step owns its memory, and this step's s (computed from it) has its dtype, shape and
+    # device: only the new one is checked.
     targets, sources = [], []
-    for st, new in zip(b.states, b.s_new):
+    stored = b.s_stored if len(b.s_stored) == len(b.states) else [None] * len(b.states)
+    b.s_stored = []
+    for st, new, last in zip(b.states, b.s_new, stored):
         old = st["s"]
-        if old._base is None and new._base is None and new.dtype == old.dtype and new.shape == old.shape \
-                and (new.is_cpu and old.is_cpu or new.device == old.device):
+        if new._base is None and (old is last or old._base is None and new.dtype == old.dtype and new.shape == old.shape
+                                  and (new.is_cpu and old.is_cpu or new.device == old.device)):
             st["s"] = new
+            b.s_stored.append(new)
         else:
             targets.append(old)
             sources.append(new)
+            b.s_stored.append(None)
     if targets:
         torch._foreach_copy_(targets, sources)
+
+
+def drop_prodigy_state(b: Bucket) -> None:
+    """Delete p0 and s once the Prodigy statistics are off (prodigy_steps reached)."""
+    for st in b.states:
+        st.pop("p0", None)
+        st.pop("s", None)
+    b.s_stored = []
 
 
 def _row_block(t: torch.Tensor, layout: ParamLayout) -> torch.Tensor:
@@ -526,9 +542,7 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
             us[0].div_(b.pack.elements.expand(scale))
 
     if not sc["prodigy_active"]:
-        for st in b.states:
-            st.pop("p0", None)
-            st.pop("s", None)
+        drop_prodigy_state(b)
 
     dlr, lam = sc["dlr"], group["weight_decay"]
     if sf:

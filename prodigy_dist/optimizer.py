@@ -563,9 +563,8 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
         split = groups[0]["split_groups"]
         n_acc = len(groups) if split else 1
         device = rows.device
-        num_t = torch.zeros(rows.shape[0], dtype=torch.float32, device=device)
-        den_t = torch.zeros_like(num_t)
         speed_commits = []
+        speed_rows = []  # (slice, numerators, denominators)
         runs: list[list] = []  # [start, end, delta, s dtype]: consecutive buckets with the same, one operation each
         start = 0
         for b in buckets:
@@ -592,19 +591,28 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
                                                     for i, st in enumerate(b.states)]))
                 l2 = torch.maximum(l2, torch.stack([st.get("max_x0_minus_l2_norm", tiny[i])
                                                     for i, st in enumerate(b.states)]))
-                den_t[sl] = l2
-                num_t[sl] = (delta / (l2 + 1).square()) * ema / l1
+                speed_rows.append((sl, (delta / (l2 + 1).square()) * ema / l1, l2))
                 speed_commits.append((b, ema, l1, l2))
-        for first, end, delta, s_dtype in runs:
-            sl = slice(first, end)
-            den_t[sl] = rows[sl, ABS_S].to(s_dtype).float()  # sum|s| rounded to s's dtype per tensor
-            num_t[sl] = delta * rows[sl, DOT]
+        if not speed_rows and len(runs) == 1 and runs[0][:2] == [0, rows.shape[0]]:  # (every row, one delta)
+            _, _, delta, s_dtype = runs[0]
+            den_t = rows[:, ABS_S].to(s_dtype).float()  # sum|s| rounded to s's dtype per tensor
+            num_t = delta * rows[:, DOT]
+        else:
+            num_t = torch.zeros(rows.shape[0], dtype=torch.float32, device=device)
+            den_t = torch.zeros_like(num_t)
+            for first, end, delta, s_dtype in runs:
+                sl = slice(first, end)
+                den_t[sl] = rows[sl, ABS_S].to(s_dtype).float()
+                num_t[sl] = delta * rows[sl, DOT]
+            for sl, num_part, den_part in speed_rows:
+                num_t[sl], den_t[sl] = num_part, den_part
         perm_t, acc_index = self._sum_order(buckets, device)
         num = torch.zeros(n_acc, dtype=torch.float32, device=device).index_add_(0, acc_index, num_t[perm_t])
         den = torch.zeros(n_acc, dtype=torch.float32, device=device).index_add_(0, acc_index, den_t[perm_t])
-        checks = torch.stack([rows[:, GSQ].sum(), rows.sum() + num.sum() + den.sum()])
-        host = torch.cat([num, den, checks]).tolist()  # the one host synchronisation of the step
-        grads_finite, stats_finite = math.isfinite(host[-2]), math.isfinite(host[-1])
+        # the one host synchronisation of the step; a NaN or Inf anywhere in the rows shows in its column's sum
+        host = torch.cat([num, den, rows.sum(0)]).tolist()
+        grads_finite = math.isfinite(host[2 * n_acc + GSQ])
+        stats_finite = all(math.isfinite(v) for v in host)
         if not grads_finite:
             self._skip_step()
             return None
