@@ -200,6 +200,25 @@ def test_nonfinite_gradient_can_raise():
         opt.step()
 
 
+@pytest.mark.parametrize("fast_path", ["eager", "compiled"])
+@pytest.mark.parametrize("role", ["p0", "s"])
+def test_nonfinite_state_with_finite_gradients_raises(fast_path, role):
+    """A NaN in the state that only the Prodigy statistics read (p0, s) is caught by the step's one host sync: the
+    step raises with a fix-it hint and writes nothing."""
+    torch.manual_seed(0)
+    model = MixedModel()
+    opt = ProdigyPlusScheduleFree(model.parameters(), fast_path=fast_path)
+    train_step(model, opt, 0)
+    opt.zero_grad()
+    loss_of(model, 1).backward()
+    params = [p.detach().clone() for p in model.parameters()]
+    opt.state[model.square.weight][role][0] = float("nan")
+    with pytest.raises(RuntimeError, match="not finite although the gradients are.*Reload the last good checkpoint"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(params, model.parameters()))
+    assert opt.param_groups[0]["k"] == 2
+
+
 def _run(model, opt, steps, start=0, dtype=torch.float32):
     for step in range(start, start + steps):
         train_step(model, opt, step, dtype)
