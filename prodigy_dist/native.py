@@ -651,8 +651,13 @@ static void run_passes(std::vector<PassJob>& jobs) {
     part_floats += J.shares * (J.ep != nullptr ? 4 : 1) * J.cols;
     if (J.ep != nullptr) max_block = std::max(max_block, J.block);
   }
-  // per share: its column sums (cols), then with the expansion its accumulators (3 x cols); its least f; its sums
-  std::unique_ptr<float[]> parts(new float[std::max<int64_t>(1, part_floats)]);
+  // per share: its column sums (cols), then with the expansion its accumulators (3 x cols); its least f; its sums.
+  // The partials go to a buffer kept from call to call by the calling thread (at most 4/128 of the largest call's
+  // gradient elements): a fresh one of several MB took page faults on every step (GPT-2 124M: ~330 a step, 2.5 ms
+  // of system time).
+  static thread_local std::vector<float> parts_buffer;
+  if (parts_buffer.size() < size_t(part_floats)) parts_buffer.resize(part_floats);
+  float* const parts = parts_buffer.data();
   std::vector<float> f_mins(shares.size(), std::numeric_limits<float>::infinity());
   std::vector<double> sums(3 * shares.size(), 0.0);
   const int64_t threads = at::get_num_threads(), n_shares = int64_t(shares.size());
@@ -663,7 +668,7 @@ static void run_passes(std::vector<PassJob>& jobs) {
     for (; k < n_shares && share_start[k] < bytes * t1 / threads; ++k) {
       const PassJob& J = jobs[shares[k][0]];
       const int64_t index = k - J.first_share, width = (J.ep != nullptr ? 4 : 1) * J.cols;
-      float* part = parts.get() + J.part + index * width;
+      float* part = parts + J.part + index * width;
       std::fill(part, part + width, 0.f);
       share_pass<T>(J, shares[k][1], shares[k][2], part, J.ep != nullptr ? part + J.cols : nullptr, &f_mins[k],
                     &sums[3 * k], w.data());
@@ -678,7 +683,7 @@ static void run_passes(std::vector<PassJob>& jobs) {
       float f_min = std::numeric_limits<float>::infinity();
       double total[3] = {0.0, 0.0, 0.0};
       for (int64_t k = 0; k < J.shares; ++k) {  // (in share order)
-        const float* part = parts.get() + J.part + k * width;
+        const float* part = parts + J.part + k * width;
         for (int64_t c = 0; c < cols; ++c) J.col_out[c] += part[c];
         if (J.ep != nullptr) {
           for (int64_t c = 0; c < 3 * cols; ++c) J.expand_out[c] += part[cols + c];
@@ -1802,7 +1807,7 @@ def _load():
                 logger.info("loading the native CPU kernels (%s); the first use on a machine builds them, ~20 s (if "
                             "this waits much longer, a build killed midway left a 'lock' file in torch's extension "
                             "cache, $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions: delete it)", isa)
-                _module = load_inline(name=f"prodigy_dist_native_v49_{isa.lower() if flags else 'base'}",
+                _module = load_inline(name=f"prodigy_dist_native_v50_{isa.lower() if flags else 'base'}",
                                       cpp_sources=[_SOURCE],
                                       functions=["statistics", "statistics_many", "rms_factored", "stochastic_round_",
                                                  "update_sf", "atan2_fast_", "factors_",
