@@ -477,6 +477,60 @@ def test_auto_on_a_cpu_takes_native_only_buckets_without_compiling(monkeypatch, 
     assert_close(pa, oa, pb, ob, dtype, carried_flips=True)
 
 
+def test_a_reused_plan_steps_as_a_new_one_on_the_native_path(monkeypatch):
+    """The native path keeps per bucket what follows from the layouts (Bucket.derived) and the s it stored last
+    (Bucket.s_stored) while the optimizer reuses a plan. Against an optimizer that forms its buckets anew every step,
+    the same bits through a reload of the state, an s replaced by hand with a view of a larger buffer (which must
+    keep being written into, not replaced) and the end of the Prodigy statistics (prodigy_steps), after which no
+    bucket keeps an old s."""
+    from prodigy_dist import native
+    if not native.available():
+        pytest.skip("the native CPU kernels could not be built here")
+    monkeypatch.setattr(compiled, "AUTO_CPU_NATIVE_MIN_PARAMS", 0)
+
+    def probed(device):
+        raise AssertionError("torch.compile was probed")
+
+    def kernel_called(self, *args):
+        raise AssertionError(f"the compiled kernel {self.name} ran")
+
+    monkeypatch.setattr(compiled, "available", probed)  # (nothing compiled: the test stays fast)
+    monkeypatch.setattr(compiled._Kernel, "__call__", kernel_called)
+
+    def run(reuse: bool):
+        params = _native_model(torch.float32)
+        opt = ProdigyPlusScheduleFree(params, d0=1e-3, prodigy_steps=6)
+        if not reuse:
+            opt._plan_key = lambda items, scalars: None
+        buffer = None
+        for step in range(8):
+            set_grads(params, step)
+            if step == 3:
+                opt.load_state_dict(opt.state_dict())
+            if step == 4:
+                st = opt.state[params[1]]
+                buffer = torch.zeros(2 * st["s"].numel(), dtype=st["s"].dtype)
+                buffer[:st["s"].numel()] = st["s"]
+                st["s"] = buffer[:st["s"].numel()]
+            opt.step()
+            if step == 4:
+                assert opt.state[params[1]]["s"]._base is buffer and buffer.abs().sum() > 0
+            if reuse and step == 2:
+                assert all(b.derived for b in opt._plan[1]) and any(b.s_stored for b in opt._plan[1])
+        return params, opt
+
+    pa, oa = run(True)
+    pb, ob = run(False)
+    assert oa._plan is not None and any(b.impl is compiled for b in oa._plan[1])
+    assert all("s" not in oa.state[p] for p in pa) and all(not b.s_stored for b in oa._plan[1])
+    assert oa.param_groups[0]["d"] == ob.param_groups[0]["d"] > 1e-3
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)
+        for key, value in oa.state[a].items():
+            if torch.is_tensor(value):
+                assert torch.equal(value, ob.state[b][key]), key
+
+
 @pytest.mark.parametrize("variant", list(NATIVE_ONLY))
 def test_the_native_step_is_the_same_on_any_number_of_threads(monkeypatch, variant):
     """On a CPU the native step's results do not depend on the number of threads: its reductions are cut into pieces
