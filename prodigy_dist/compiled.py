@@ -999,14 +999,14 @@ def update(b: Bucket) -> Generator[list[torch.Tensor], None, None]:
             uu = torch.stack([_rms(rms_k, g, a, c, m, v, s, V, d_eps)
                               for g, (a, c), m, v in zip(gs, factors, ms, vs)])
         yield [uu]
-        numels = torch.tensor([lay.global_numel for lay in b.layouts], dtype=torch.float32, device=uu.device)
+        numels = torch.tensor(_numels(b), dtype=torch.float32, device=uu.device)
         all_scales = _stable_scales(uu, numels)
         scales = list(all_scales.unbind(0))
         if listed:
             list_scales = all_scales[listed]
     elif V.stable and listed:
         list_scales = _stable_scales(list_uu, _derived(b, "listed_numels", lambda: torch.tensor(
-            [b.layouts[i].global_numel for i in listed], dtype=torch.float32)))
+            [_numels(b)[i] for i in listed], dtype=torch.float32)))
 
     if not sc["prodigy_active"]:
         kernels.drop_prodigy_state(b)

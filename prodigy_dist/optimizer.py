@@ -564,7 +564,7 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
         n_acc = len(groups) if split else 1
         device = rows.device
         speed_commits = []
-        speed_rows = []  # (slice, numerators, denominators)
+        parts = []  # (rows, their numerators, their denominators)
         runs: list[list] = []  # [start, end, delta, s dtype]: consecutive buckets with the same, one operation each
         start = 0
         for b in buckets:
@@ -591,20 +591,17 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
                                                     for i, st in enumerate(b.states)]))
                 l2 = torch.maximum(l2, torch.stack([st.get("max_x0_minus_l2_norm", tiny[i])
                                                     for i, st in enumerate(b.states)]))
-                speed_rows.append((sl, (delta / (l2 + 1).square()) * ema / l1, l2))
+                parts.append((sl, (delta / (l2 + 1).square()) * ema / l1, l2))
                 speed_commits.append((b, ema, l1, l2))
-        if not speed_rows and len(runs) == 1 and runs[0][:2] == [0, rows.shape[0]]:  # (every row, one delta)
-            _, _, delta, s_dtype = runs[0]
-            den_t = rows[:, ABS_S].to(s_dtype).float()  # sum|s| rounded to s's dtype per tensor
-            num_t = delta * rows[:, DOT]
+        for first, end, delta, s_dtype in runs:
+            sl = slice(first, end)
+            parts.append((sl, delta * rows[sl, DOT], rows[sl, ABS_S].to(s_dtype).float()))  # (sum|s| in s's dtype)
+        if len(parts) == 1 and parts[0][0] == slice(0, rows.shape[0]):  # (one part covers every row)
+            _, num_t, den_t = parts[0]
         else:
             num_t = torch.zeros(rows.shape[0], dtype=torch.float32, device=device)
             den_t = torch.zeros_like(num_t)
-            for first, end, delta, s_dtype in runs:
-                sl = slice(first, end)
-                den_t[sl] = rows[sl, ABS_S].to(s_dtype).float()
-                num_t[sl] = delta * rows[sl, DOT]
-            for sl, num_part, den_part in speed_rows:
+            for sl, num_part, den_part in parts:
                 num_t[sl], den_t[sl] = num_part, den_part
         perm_t, acc_index = self._sum_order(buckets, device)
         num = torch.zeros(n_acc, dtype=torch.float32, device=device).index_add_(0, acc_index, num_t[perm_t])
