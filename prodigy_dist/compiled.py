@@ -908,15 +908,15 @@ def _factors(b: Bucket) -> list[tuple[torch.Tensor, torch.Tensor]]:
     d, beta2 = b.sc["d"], b.sc["beta2"]
     rs = [st["exp_avg_sq_row"] for st in b.states]
     cs = [st["exp_avg_sq_col"] for st in b.states]
-    shapes = [lay.global_shape for lay in b.layouts]
     alpha = (1 - beta2) * d * d
     if not _on_gpu(b):  # the same operations in one native call (the multi-tensor calls cost more host time)
         expansions = None
         if b.expansions:
             expansions = ([b.expansions.get(i) for i in range(len(rs))], b.group["eps"], _numels(b))
         inv_r, inv_c, n_dc, dcs = _derived(b, "factor_sizes", lambda: (
-            [1.0 / s[dr] for s, (dr, _) in zip(shapes, b.dims)], [1.0 / s[dc] for s, (_, dc) in zip(shapes, b.dims)],
-            [s[dc] for s, (_, dc) in zip(shapes, b.dims)], [dc for _, dc in b.dims]))
+            [1.0 / lay.global_shape[dr] for lay, (dr, _) in zip(b.layouts, b.dims)],
+            [1.0 / lay.global_shape[dc] for lay, (_, dc) in zip(b.layouts, b.dims)],
+            [lay.global_shape[dc] for lay, (_, dc) in zip(b.layouts, b.dims)], [dc for _, dc in b.dims]))
         r_sums = [b.r_sums.get(i) for i in range(len(rs))] if b.r_sums else [None] * len(rs)
         out = native.factors(rs, cs, b.row_parts, b.col_parts, inv_r, inv_c, n_dc, dcs,
                              [t[1:2] if t is not None else None for t in r_sums], beta2, alpha, expansions)
@@ -925,6 +925,7 @@ def _factors(b: Bucket) -> list[tuple[torch.Tensor, torch.Tensor]]:
                 b.divisors = out.pop()
             return [(out[2 * i + 1], out[2 * i]) if dr == 0 else (out[2 * i], out[2 * i + 1])
                     for i, (dr, _) in enumerate(b.dims)]
+    shapes = [lay.global_shape for lay in b.layouts]
     for moments, parts, dim in ((rs, b.row_parts, 0), (cs, b.col_parts, 1)):
         torch._foreach_mul_(parts, [1.0 / shape[dims[dim]] for shape, dims in zip(shapes, b.dims)])
         torch._foreach_mul_(moments, beta2)
